@@ -1,0 +1,1 @@
+"""Benchmarks behind `deitlt bench`; each prints its figures and the ratio to its baseline."""
