@@ -1,0 +1,1 @@
+"""Datasets: long-tail arithmetic, raw sources, shard writing and the DALI input pipeline."""
