@@ -348,7 +348,8 @@ class Steps:
     """Epoch-denominated durations resolved to optimizer steps (see :func:`resolve_steps`)."""
 
     steps_per_epoch: int
-    total: int
+    total: int  # steps this run trains (train.max_steps may cut it short)
+    scheduled: int  # steps the lr schedule spans: epochs x steps_per_epoch
     warmup: int
     drw_start: int | None  # first optimizer step of the DRW phase, None when never
     micro_batches_per_epoch: int  # per rank
@@ -379,6 +380,7 @@ def resolve_steps(cfg: Config, train_samples: int, world_size: int) -> Steps:
     return Steps(
         steps_per_epoch=steps_per_epoch,
         total=total,
+        scheduled=steps_per_epoch * t.epochs,
         warmup=warmup,
         drw_start=None if drw is None else drw * steps_per_epoch,
         micro_batches_per_epoch=steps_per_epoch * t.grad_accum,
