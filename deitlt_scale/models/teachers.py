@@ -1,0 +1,139 @@
+"""CNN teachers: the CIFAR ResNet-32 and the torchvision-layout ResNet-50, frozen for distillation.
+
+State-dict layouts are those of the published long-tail teachers (METHOD.md 3.1), so that their
+checkpoints convert by renaming only:
+
+* ``resnet32``: ``conv1, bn1, layer{1,2,3}.{0..4}.{conv1,bn1,conv2,bn2}``, classifier ``linear``.
+  16/32/64 channels, option-A (parameter-free, zero-padded) shortcuts, global average pooling.
+* ``resnet50``: torchvision's ResNet-50 (v1.5, stride on the 3x3 conv), classifier ``fc``.
+
+``normed=True`` replaces the classifier by :class:`NormedLinear`, a cosine classifier whose
+weight is stored as (features, classes) like the reference's (no bias).
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from deitlt_scale.errors import UserError
+
+TEACHER_ARCHS = ("resnet32", "resnet50")
+CLASSIFIER = {"resnet32": "linear", "resnet50": "fc"}  # attribute name of each arch's classifier
+FEATURE_DIM = {"resnet32": 64, "resnet50": 2048}
+
+
+class NormedLinear(nn.Module):
+    """Cosine classifier: ``normalize(x) @ normalize(W, dim=0)``, logits in [-1, 1].
+
+    ``weight`` has shape (in_features, out_features), transposed against ``nn.Linear``.
+    """
+
+    def __init__(self, in_features: int, out_features: int) -> None:
+        super().__init__()
+        self.weight = nn.Parameter(torch.empty(in_features, out_features))
+        # Columns of norm ~1 (the reference's initialisation).
+        with torch.no_grad():
+            self.weight.uniform_(-1, 1).renorm_(2, 1, 1e-5).mul_(1e5)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return F.normalize(x, dim=1) @ F.normalize(self.weight, dim=0)
+
+
+class _Pad(nn.Module):
+    """Option-A shortcut: stride-2 subsampling and zero channels on both sides (no parameters)."""
+
+    def __init__(self, extra_channels: int) -> None:
+        super().__init__()
+        self.extra = extra_channels
+
+    def forward(self, x: Tensor) -> Tensor:
+        half = self.extra // 2
+        return F.pad(x[:, :, ::2, ::2], (0, 0, 0, 0, half, self.extra - half))
+
+
+class _BasicBlock(nn.Module):
+    def __init__(self, in_planes: int, planes: int, stride: int) -> None:
+        super().__init__()
+        self.conv1 = nn.Conv2d(in_planes, planes, 3, stride=stride, padding=1, bias=False)
+        self.bn1 = nn.BatchNorm2d(planes)
+        self.conv2 = nn.Conv2d(planes, planes, 3, stride=1, padding=1, bias=False)
+        self.bn2 = nn.BatchNorm2d(planes)
+        needs_projection = stride != 1 or in_planes != planes
+        self.shortcut: nn.Module = _Pad(planes - in_planes) if needs_projection else nn.Identity()
+
+    def forward(self, x: Tensor) -> Tensor:
+        out = F.relu(self.bn1(self.conv1(x)))
+        out = self.bn2(self.conv2(out))
+        return F.relu(out + self.shortcut(x))
+
+
+class ResNet32(nn.Module):
+    """CIFAR ResNet-32 (He et al. 2016, 3 stages x 5 basic blocks); any input size >= 8 px."""
+
+    def __init__(self, num_classes: int, normed: bool = False) -> None:
+        super().__init__()
+        self.conv1 = nn.Conv2d(3, 16, 3, stride=1, padding=1, bias=False)
+        self.bn1 = nn.BatchNorm2d(16)
+        layers, in_planes = [], 16
+        for planes, stride in ((16, 1), (32, 2), (64, 2)):
+            blocks = []
+            for i in range(5):
+                blocks.append(_BasicBlock(in_planes, planes, stride if i == 0 else 1))
+                in_planes = planes
+            layers.append(nn.Sequential(*blocks))
+        self.layer1, self.layer2, self.layer3 = layers
+        self.avgpool = nn.AdaptiveAvgPool2d(1)
+        self.linear: nn.Module = (
+            NormedLinear(64, num_classes) if normed else nn.Linear(64, num_classes)
+        )
+        for m in self.modules():
+            if isinstance(m, nn.Conv2d | nn.Linear):
+                nn.init.kaiming_normal_(m.weight)
+
+    def features(self, x: Tensor) -> Tensor:
+        """Pooled feature (B, 64)."""
+        out = F.relu(self.bn1(self.conv1(x)))
+        out = self.layer3(self.layer2(self.layer1(out)))
+        return torch.flatten(self.avgpool(out), 1)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.linear(self.features(x))
+
+
+def _resnet50(num_classes: int, normed: bool) -> nn.Module:
+    from torchvision.models import resnet50
+
+    model = resnet50(weights=None, num_classes=num_classes)
+    if normed:
+        model.fc = NormedLinear(2048, num_classes)
+    return model
+
+
+def create_teacher_arch(arch: str, num_classes: int, normed: bool = False) -> nn.Module:
+    """A randomly initialised teacher network of the given layout (``resnet32`` | ``resnet50``)."""
+    if num_classes < 1:
+        raise UserError(f"a teacher needs at least one class, got num_classes={num_classes}")
+    if arch == "resnet32":
+        return ResNet32(num_classes, normed)
+    if arch == "resnet50":
+        return _resnet50(num_classes, normed)
+    raise UserError(f"unknown teacher arch {arch!r}; use one of {', '.join(TEACHER_ARCHS)}")
+
+
+def freeze(
+    model: nn.Module, dtype: torch.dtype = torch.float32, channels_last: bool = False
+) -> nn.Module:
+    """Eval mode (BatchNorm on running statistics), no gradients, cast to ``dtype``.
+
+    The teacher is never trained by the student run: it stays outside the optimizer and the
+    DeepSpeed engine, so freezing it here is what keeps it constant.
+    """
+    model.eval()
+    for p in model.parameters():
+        p.requires_grad_(False)
+    model.to(dtype=dtype)
+    if channels_last:
+        model.to(memory_format=torch.channels_last)
+    return model
