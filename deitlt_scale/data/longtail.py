@@ -28,9 +28,7 @@ MANY_SHOT_MIN = 101
 FEW_SHOT_MAX = 19
 
 
-def lt_counts(
-    n_max: int, num_classes: int, imbalance: float, profile: str = "exp"
-) -> list[int]:
+def lt_counts(n_max: int, num_classes: int, imbalance: float, profile: str = "exp") -> list[int]:
     """Per-class image counts of a long-tailed split (class 0 largest), METHOD.md 1.1.
 
     ``imbalance`` is rho = N_max / N_min (>= 1; 100 means IF=100). ``exp`` gives

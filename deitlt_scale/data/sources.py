@@ -1,0 +1,636 @@
+"""Readers of raw datasets: each turns a source into records (a file or an array row with its
+original label) and what meta.json needs to know about the classes.
+
+Nothing here writes shards. Readers decode no image file (files are only listed and stat'ed);
+the CIFAR and digits readers hold their pixel arrays, which are small by construction.
+:func:`encode_file` and :func:`encode_array` turn one record into the JPEG bytes a shard stores.
+"""
+
+from __future__ import annotations
+
+import io
+import os
+import pickle
+import tarfile
+from collections.abc import Sequence
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, ClassVar
+
+import numpy as np
+from PIL import Image
+
+from deitlt_scale.data.longtail import lt_counts
+from deitlt_scale.errors import UserError
+
+# Images that are not JPEG (PNG, CIFAR/digits arrays, CMYK JPEG, ...) are converted once to RGB
+# JPEG at this quality with 4:4:4 chroma: tiny images (32 px) lose visibly less colour detail
+# than with the default 4:2:0 subsampling.
+JPEG_QUALITY = 95
+JPEG_SUBSAMPLING = 0  # Pillow's code for 4:4:4
+IMAGE_EXTENSIONS = frozenset(
+    {".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff", ".ppm", ".pgm"}
+)
+# The embedded default dataset: sklearn's 8x8 digits, upsampled (bicubic) to this size.
+DIGITS_SIZE = 32
+DIGITS_EVAL_PER_CLASS = 50
+DIGITS_N_MAX = 120
+DIGITS_IMBALANCE = 20.0
+CIFAR_IMBALANCE = 100.0
+# The reference seeds its long-tail selection with 0 (np.random.seed(0)), whatever the run seed.
+SELECTION_SEED = 0
+DEFAULT_NUM_CLASSES = {"imagenet-lt": 1000, "inat2018": 8142}
+DEFAULT_LISTS = {
+    "imagenet-lt": (
+        ("ImageNet_LT_train.txt", "Imagenet_LT_train.txt"),
+        ("ImageNet_LT_test.txt", "Imagenet_LT_test.txt"),
+    ),
+    "inat2018": (("iNaturalist18_train.txt",), ("iNaturalist18_val.txt",)),
+}
+
+
+class BadImage(Exception):
+    """An image that cannot be decoded (corrupt, truncated, not an image); it is skipped."""
+
+
+@dataclass(frozen=True)
+class Record:
+    """One raw sample. ``ref`` is an absolute file path, or for array sources the row number
+    (decimal text) in ``SourceData.arrays[split]``. ``size`` is the file size in bytes (the
+    estimate of its stored size); 0 for array rows."""
+
+    ref: str
+    label: int  # original label
+    size: int = 0
+
+
+@dataclass
+class SourceData:
+    """Everything a reader learned about a raw dataset; labels here are *original* labels."""
+
+    dataset: str
+    num_classes: int
+    class_names: list[str]  # per original label ("" where unknown)
+    train: list[Record]
+    eval: list[Record]
+    arrays: dict[str, np.ndarray] = field(default_factory=dict)  # split -> uint8 (N, H, W, 3)
+    image_size: int | None = None
+    skipped: list[dict[str, str]] = field(default_factory=list)  # bad list entries (--skip-bad)
+    details: dict[str, Any] = field(default_factory=dict)  # recorded in meta.json["source"]
+
+
+# --------------------------------------------------------------------------- long-tail selection
+
+
+def select_longtail(
+    labels: Sequence[int], counts: Sequence[int], seed: int = SELECTION_SEED
+) -> list[int]:
+    """Indices kept by the reference CIFAR-LT rule (METHOD.md 1.1), in class-by-class order.
+
+    ``np.random.seed(seed)``, then for each class ``c`` in ascending order: that class's indices
+    in the original order, shuffled by ``np.random.shuffle``, first ``counts[c]`` kept. A private
+    ``RandomState(seed)`` used sequentially draws the same stream without touching global state.
+    """
+    rng = np.random.RandomState(seed)
+    labels = np.asarray(labels)
+    kept: list[int] = []
+    for c, n in enumerate(counts):
+        idx = np.where(labels == c)[0]
+        rng.shuffle(idx)
+        kept.extend(idx[: int(n)].tolist())
+    return kept
+
+
+# --------------------------------------------------------------------------- encoding
+
+
+def encode_array(pixels: np.ndarray) -> bytes:
+    """RGB JPEG (quality 95, 4:4:4) of a uint8 ``(H, W, 3)`` array."""
+    buffer = io.BytesIO()
+    Image.fromarray(np.ascontiguousarray(pixels), "RGB").save(
+        buffer, "JPEG", quality=JPEG_QUALITY, subsampling=JPEG_SUBSAMPLING
+    )
+    return buffer.getvalue()
+
+
+def encode_bytes(data: bytes) -> bytes:
+    """The bytes a shard stores for an encoded image file.
+
+    A valid RGB or greyscale JPEG is returned unchanged (checked by decoding it, at 1/8 scale,
+    which still reads the whole entropy-coded stream, so truncation is caught). Anything else
+    Pillow decodes (PNG, BMP, CMYK JPEG, ...) is converted once to RGB JPEG (quality 95, 4:4:4;
+    an alpha channel is dropped). Raises :class:`BadImage` when the data cannot be decoded.
+    """
+    try:
+        with Image.open(io.BytesIO(data)) as img:
+            if img.format == "JPEG" and img.mode in ("RGB", "L"):
+                img.draft(img.mode, (max(1, img.width // 8), max(1, img.height // 8)))
+                img.load()
+                return data
+            img.load()
+            rgb = img.convert("RGB")
+    except (OSError, SyntaxError, ValueError, EOFError, Image.DecompressionBombError) as err:
+        raise BadImage(f"cannot decode image ({err})") from None
+    buffer = io.BytesIO()
+    rgb.save(buffer, "JPEG", quality=JPEG_QUALITY, subsampling=JPEG_SUBSAMPLING)
+    return buffer.getvalue()
+
+
+def encode_file(path: str) -> bytes:
+    """:func:`encode_bytes` of a file; an unreadable file raises :class:`BadImage`."""
+    try:
+        data = Path(path).read_bytes()
+    except OSError as err:
+        raise BadImage(f"cannot read ({err.strerror or err})") from None
+    return encode_bytes(data)
+
+
+# --------------------------------------------------------------------------- CIFAR
+
+
+@dataclass(frozen=True)
+class _CifarLayout:
+    title: str
+    folder: str
+    tarball: str
+    train: tuple[str, ...]
+    test: str
+    meta: str
+    label_key: str
+    names_key: str
+
+
+_CIFAR = {
+    "cifar10-lt": _CifarLayout(
+        "CIFAR-10",
+        "cifar-10-batches-py",
+        "cifar-10-python.tar.gz",
+        tuple(f"data_batch_{i}" for i in range(1, 6)),
+        "test_batch",
+        "batches.meta",
+        "labels",
+        "label_names",
+    ),
+    "cifar100-lt": _CifarLayout(
+        "CIFAR-100",
+        "cifar-100-python",
+        "cifar-100-python.tar.gz",
+        ("train",),
+        "test",
+        "meta",
+        "fine_labels",
+        "fine_label_names",
+    ),
+}
+_CIFAR_URL = "https://www.cs.toronto.edu/~kriz/cifar.html"
+
+
+class _CifarUnpickler(pickle.Unpickler):
+    """Unpickles only what CIFAR batches contain (dicts, lists, strings, numpy arrays), so that
+    a foreign pickle cannot run code."""
+
+    _ALLOWED: ClassVar[frozenset[tuple[str, str]]] = frozenset(
+        {
+            ("numpy.core.multiarray", "_reconstruct"),
+            ("numpy._core.multiarray", "_reconstruct"),
+            ("numpy.core.multiarray", "scalar"),
+            ("numpy._core.multiarray", "scalar"),
+            ("numpy", "ndarray"),
+            ("numpy", "dtype"),
+            ("_codecs", "encode"),
+        }
+    )
+
+    def find_class(self, module: str, name: str) -> Any:
+        if (module, name) not in self._ALLOWED:
+            raise pickle.UnpicklingError(f"unexpected object {module}.{name}")
+        if module.startswith("numpy.core.") and hasattr(np, "_core"):
+            module = "numpy._core." + module[len("numpy.core.") :]  # numpy 2 moved it
+        return super().find_class(module, name)
+
+
+def _unpickle(data: bytes, where: str) -> dict[str, Any]:
+    try:
+        obj = _CifarUnpickler(io.BytesIO(data), encoding="latin1").load()
+    except Exception as err:  # any unpickling failure means "not a CIFAR batch"
+        raise UserError(f"{where} is not a CIFAR python batch ({err}); {_cifar_fix()}") from None
+    if not isinstance(obj, dict):
+        raise UserError(f"{where} is not a CIFAR python batch (no dict inside); {_cifar_fix()}")
+    return {k.decode("latin1") if isinstance(k, bytes) else k: v for k, v in obj.items()}
+
+
+def _cifar_fix() -> str:
+    return f"point --root at the original python-version archive from {_CIFAR_URL}"
+
+
+def _cifar_members(dataset: str, root: Path) -> tuple[dict[str, dict[str, Any]], str]:
+    """The unpickled meta, train and test members of a CIFAR tarball or extracted folder, by
+    base name, and where they were read from. A tarball is read once, in stored order."""
+    layout = _CIFAR[dataset]
+    wanted = [*layout.train, layout.test, layout.meta]
+    candidates = [root, root / layout.folder, root / layout.tarball]
+    for place in candidates:
+        if place.is_dir() and (place / layout.meta).is_file():
+            members = {}
+            for name in wanted:
+                try:
+                    data = (place / name).read_bytes()
+                except OSError as err:
+                    raise UserError(
+                        f"{place / name} is unreadable ({err.strerror}); re-extract "
+                        f"{layout.tarball} or point --root at the tarball"
+                    ) from None
+                members[name] = _unpickle(data, f"{place}/{name}")
+            return members, str(place)
+    tarball = next((p for p in candidates if p.is_file()), None)
+    if tarball is None:
+        raise UserError(
+            f"--root {root} holds neither {layout.tarball} nor {layout.folder}/; "
+            f"download {layout.tarball} from {_CIFAR_URL}"
+        )
+    members = {}
+    try:
+        with tarfile.open(tarball) as archive:
+            for member in archive:
+                name = Path(member.name).name
+                if member.isfile() and name in wanted and name not in members:
+                    handle = archive.extractfile(member)
+                    assert handle is not None
+                    members[name] = _unpickle(handle.read(), f"{tarball}:{member.name}")
+    except (tarfile.TarError, OSError, EOFError) as err:
+        raise UserError(f"{tarball} is not a CIFAR archive ({err}); {_cifar_fix()}") from None
+    missing = [name for name in wanted if name not in members]
+    if missing:
+        raise UserError(
+            f"{tarball} is not a {layout.title} archive (no {missing[0]} inside); {_cifar_fix()}"
+        )
+    return members, str(tarball)
+
+
+def _cifar_batch(batch: dict[str, Any], where: str, label_key: str):
+    data, labels = batch.get("data"), batch.get(label_key)
+    if not isinstance(data, np.ndarray) or data.ndim != 2 or data.shape[1] != 3 * 32 * 32:
+        raise UserError(f"{where} has no (N, 3072) 'data' array; {_cifar_fix()}")
+    if labels is None or len(labels) != len(data):
+        raise UserError(f"{where} has no {label_key!r} list matching 'data'; {_cifar_fix()}")
+    pixels = data.astype(np.uint8).reshape(-1, 3, 32, 32).transpose(0, 2, 3, 1)
+    return np.ascontiguousarray(pixels), np.asarray(labels, dtype=np.int64)
+
+
+def read_cifar(
+    dataset: str, root: str | Path, imbalance: float = CIFAR_IMBALANCE, profile: str = "exp"
+) -> SourceData:
+    """CIFAR-10/100-LT from the python tarball or its extracted folder (METHOD.md 1.1).
+
+    Train: ``n_max = len(train) / K``, counts from :func:`lt_counts`, samples kept by
+    :func:`select_longtail`. Eval: the whole balanced test split. Class names from the meta file.
+    """
+    layout = _CIFAR[dataset]
+    members, where = _cifar_members(dataset, Path(root))
+    names = members[layout.meta].get(layout.names_key)
+    if not isinstance(names, list) or not names:
+        raise UserError(f"{where}:{layout.meta} lacks {layout.names_key!r}; {_cifar_fix()}")
+    k = len(names)
+    parts = [
+        _cifar_batch(members.pop(name), f"{where}:{name}", layout.label_key)
+        for name in layout.train
+    ]
+    train_pixels = np.concatenate([p for p, _ in parts])
+    train_labels = np.concatenate([lab for _, lab in parts])
+    del parts
+    test_pixels, test_labels = _cifar_batch(
+        members.pop(layout.test), f"{where}:{layout.test}", layout.label_key
+    )
+    for labels, split in ((train_labels, "train"), (test_labels, "test")):
+        if len(labels) and (labels.min() < 0 or labels.max() >= k):
+            raise UserError(f"{where}: {split} labels outside 0..{k - 1}; {_cifar_fix()}")
+    n_max = len(train_labels) / k  # float, as the reference's img_max
+    counts = lt_counts(n_max, k, imbalance, profile)
+    kept = select_longtail(train_labels, counts)
+    return SourceData(
+        dataset=dataset,
+        num_classes=k,
+        class_names=[n.decode("latin1") if isinstance(n, bytes) else str(n) for n in names],
+        train=[Record(str(i), int(train_labels[i])) for i in kept],
+        eval=[Record(str(i), int(lab)) for i, lab in enumerate(test_labels)],
+        arrays={"train": train_pixels, "eval": test_pixels},
+        image_size=32,
+        details={
+            "raw": where,
+            "imbalance": float(imbalance),
+            "profile": profile,
+            "n_max": n_max,
+            "requested_counts": counts,
+            "selection": f"np.random.RandomState({SELECTION_SEED}) shuffle per class (METHOD.md 1.1)",
+        },
+    )
+
+
+# --------------------------------------------------------------------------- digits-lt
+
+
+def read_digits(imbalance: float = DIGITS_IMBALANCE, profile: str = "exp") -> SourceData:
+    """The embedded default dataset: scikit-learn's 8x8 handwritten digits, long-tailed.
+
+    Eval: 50 images per class, held out first (a ``RandomState(0)`` shuffle of each class's
+    indices, classes in ascending order, first 50). Train: from the rest, ``n_max = 120`` and
+    the CIFAR-LT exponential profile, kept by :func:`select_longtail` (a fresh seed 0). Pixels
+    (0..16) are scaled to 0..255, upsampled bicubically to 32x32 and replicated to RGB.
+    """
+    from sklearn.datasets import load_digits
+
+    digits = load_digits()
+    labels = np.asarray(digits.target, dtype=np.int64)
+    gray = np.clip(np.round(digits.images * (255.0 / 16.0)), 0, 255).astype(np.uint8)
+    pixels = np.stack(
+        [
+            np.asarray(Image.fromarray(img, "L").resize((DIGITS_SIZE, DIGITS_SIZE), Image.BICUBIC))
+            for img in gray
+        ]
+    )
+    pixels = np.ascontiguousarray(np.repeat(pixels[..., None], 3, axis=3))
+    k = int(labels.max()) + 1
+    rng = np.random.RandomState(SELECTION_SEED)
+    held_out: list[int] = []
+    for c in range(k):
+        idx = np.where(labels == c)[0]
+        rng.shuffle(idx)
+        held_out.extend(idx[:DIGITS_EVAL_PER_CLASS].tolist())
+    pool = np.setdiff1d(np.arange(len(labels)), held_out)  # ascending: the original order
+    counts = lt_counts(DIGITS_N_MAX, k, imbalance, profile)
+    kept = pool[select_longtail(labels[pool], counts)]
+    return SourceData(
+        dataset="digits-lt",
+        num_classes=k,
+        class_names=[str(c) for c in range(k)],
+        train=[Record(str(i), int(labels[i])) for i in kept],
+        eval=[Record(str(i), int(labels[i])) for i in sorted(held_out)],
+        arrays={"train": pixels, "eval": pixels},
+        image_size=DIGITS_SIZE,
+        details={
+            "raw": "sklearn.datasets.load_digits (1,797 8x8 images)",
+            "imbalance": float(imbalance),
+            "profile": profile,
+            "n_max": DIGITS_N_MAX,
+            "eval_per_class": DIGITS_EVAL_PER_CLASS,
+            "requested_counts": counts,
+            "upsampling": f"bicubic 8->{DIGITS_SIZE} px, grey replicated to RGB",
+        },
+    )
+
+
+# --------------------------------------------------------------------------- list files
+
+
+@dataclass(frozen=True)
+class _Entry:
+    where: str  # "LIST:LINE"
+    path: str  # as written in the list
+    label: int
+
+
+def _stat_sizes(paths: Sequence[Path]) -> list[int | None]:
+    """File sizes in bytes (None when missing); threads hide network file-system latency."""
+
+    def size(path: Path) -> int | None:
+        try:
+            st = path.stat()
+        except OSError:
+            return None
+        return st.st_size if path.is_file() else None
+
+    if len(paths) < 256:
+        return [size(p) for p in paths]
+    with ThreadPoolExecutor(max_workers=16) as pool:
+        return list(pool.map(size, paths))
+
+
+class _BadEntries:
+    """Collects bad list/folder entries; raises on the first unless ``skip`` (--skip-bad)."""
+
+    def __init__(self, skip: bool) -> None:
+        self.skip = skip
+        self.items: list[dict[str, str]] = []
+
+    def add(self, where: str, reason: str) -> None:
+        self.items.append({"source": where, "reason": reason})
+
+    def raise_if_any(self) -> None:
+        if self.items and not self.skip:
+            first = self.items[0]
+            more = f" (and {len(self.items) - 1} more)" if len(self.items) > 1 else ""
+            raise UserError(
+                f"{first['source']}: {first['reason']}{more}; fix the list, "
+                "or pass --skip-bad to skip such entries and count them"
+            )
+
+
+def _parse_list(path: Path, bad: _BadEntries) -> list[_Entry]:
+    """``<relative path> <integer label>`` per line, whitespace-separated; blank lines ignored."""
+    if not path.is_file():
+        raise UserError(f"list file {path} not found; pass the right --train-list/--eval-list")
+    entries: list[_Entry] = []
+    with open(path, encoding="utf-8", errors="surrogateescape") as f:
+        for number, line in enumerate(f, start=1):
+            fields = line.split()
+            if not fields:
+                continue
+            where = f"{path}:{number}"
+            if len(fields) != 2:
+                bad.add(where, f"expected '<path> <label>', got {line.strip()!r}")
+                continue
+            try:
+                label = int(fields[1])
+            except ValueError:
+                bad.add(where, f"label {fields[1]!r} is not an integer")
+                continue
+            entries.append(_Entry(where, fields[0], label))
+    return entries
+
+
+def _check_entries(
+    entries: list[_Entry], root: Path, num_classes: int, seen: set[str], bad: _BadEntries
+) -> list[Record]:
+    """Records of the good entries: label in range, file present, path not seen before."""
+    paths = [root / e.path for e in entries]
+    sizes = _stat_sizes(paths)
+    records: list[Record] = []
+    for entry, path, size in zip(entries, paths, sizes):
+        normal = os.path.normpath(str(path))
+        if not 0 <= entry.label < num_classes:
+            bad.add(entry.where, f"label {entry.label} is outside 0..{num_classes - 1}")
+        elif normal in seen:
+            bad.add(entry.where, f"duplicate path {entry.path}")
+        elif size is None:
+            bad.add(entry.where, f"file {entry.path} not found under {root}")
+        else:
+            seen.add(normal)
+            records.append(Record(normal, entry.label, size))
+    return records
+
+
+def _names_from_parents(records: list[Record], root: Path, num_classes: int) -> list[str]:
+    """Per class, the folder its training images share, less the leading folders common to all
+    classes (ImageNet ``train/n01440764`` -> ``n01440764``, iNat ``train_val2018/Plantae/7477``
+    -> ``Plantae/7477``), when every class has a folder of its own; "" otherwise."""
+    parents: list[set[str]] = [set() for _ in range(num_classes)]
+    for record in records:
+        parents[record.label].add(os.path.relpath(os.path.dirname(record.ref), root))
+    if any(len(p) != 1 for p in parents):
+        return [""] * num_classes
+    names = [next(iter(p)) for p in parents]
+    if len(set(names)) != num_classes:
+        return [""] * num_classes
+    if num_classes > 1:
+        common = os.path.commonpath(names)
+        if common:
+            names = [os.path.relpath(n, common) for n in names]
+    return names
+
+
+def _default_list(dataset: str, root: Path, which: int, flag: str) -> Path:
+    candidates = DEFAULT_LISTS.get(dataset, ((), ()))[which]
+    for name in candidates:
+        if (root / name).is_file():
+            return root / name
+    known = f" (looked for {', '.join(candidates)} in {root})" if candidates else ""
+    raise UserError(f"{dataset} needs {flag} <list file>{known}")
+
+
+def read_lists(
+    source: str,
+    root: str | Path,
+    train_list: str | Path | None = None,
+    eval_list: str | Path | None = None,
+    num_classes: int | None = None,
+    skip_bad: bool = False,
+    name: str | None = None,
+) -> SourceData:
+    """ImageNet-LT, iNaturalist-2018 or any ``<path> <label>`` lists (METHOD.md 1.2, 1.3).
+
+    ``source`` is ``imagenet-lt``, ``inat2018`` or ``list``; ``name`` overrides the dataset
+    name (``list`` defaults to the root folder's name). Paths are relative to ``root``.
+    ``num_classes`` defaults to 1000 (imagenet-lt), 8142 (inat2018), or the largest training
+    label + 1. Bad lines (malformed, non-integer or out-of-range label, missing file, path listed
+    twice, eval path also in train) raise a :class:`UserError` naming ``LIST:LINE``, or are
+    skipped and counted with ``skip_bad``.
+    """
+    root = Path(root)
+    if not root.is_dir():
+        raise UserError(f"--root {root} is not a directory; point it at the image root")
+    dataset = name or (root.resolve().name if source == "list" else source)
+    train_path = Path(train_list) if train_list else _default_list(source, root, 0, "--train-list")
+    eval_path = Path(eval_list) if eval_list else _default_list(source, root, 1, "--eval-list")
+    bad = _BadEntries(skip_bad)
+    train_entries = _parse_list(train_path, bad)
+    eval_entries = _parse_list(eval_path, bad)
+    if not train_entries:
+        raise UserError(f"{train_path} lists no image; expected '<path> <label>' lines")
+    if num_classes is None:
+        num_classes = DEFAULT_NUM_CLASSES.get(source) or max(e.label for e in train_entries) + 1
+    seen: set[str] = set()
+    train = _check_entries(train_entries, root, num_classes, seen, bad)
+    evals = _check_entries(eval_entries, root, num_classes, seen, bad)
+    bad.raise_if_any()
+    return SourceData(
+        dataset=dataset,
+        num_classes=num_classes,
+        class_names=_names_from_parents(train, root, num_classes),
+        train=train,
+        eval=evals,
+        skipped=bad.items,
+        details={"raw": str(root), "train_list": str(train_path), "eval_list": str(eval_path)},
+    )
+
+
+# --------------------------------------------------------------------------- class folders
+
+
+def _images_under(folder: Path) -> list[Path]:
+    """Image files below ``folder`` (recursively, by extension), in sorted path order."""
+    found: list[Path] = []
+    for dirpath, dirnames, filenames in os.walk(folder):
+        dirnames.sort()
+        found.extend(
+            Path(dirpath, f)
+            for f in sorted(filenames)
+            if Path(f).suffix.lower() in IMAGE_EXTENSIONS and not f.startswith(".")
+        )
+    return found
+
+
+def _class_folders(root: Path, flag: str) -> list[Path]:
+    if not root.is_dir():
+        raise UserError(f"{flag} {root} is not a directory; it must hold one folder per class")
+    folders = sorted(p for p in root.iterdir() if p.is_dir() and not p.name.startswith("."))
+    if not folders:
+        raise UserError(f"{flag} {root} holds no class folder; expected {root}/<class>/<image>")
+    return folders
+
+
+def _folder_records(folders: list[Path], labels: dict[str, int], flag: str) -> list[Record]:
+    records: list[Record] = []
+    for folder in folders:
+        files = _images_under(folder)
+        if not files and flag == "--root":
+            raise UserError(f"class folder {folder} holds no image; remove it or add images")
+        sizes = _stat_sizes(files)
+        records.extend(
+            Record(str(f), labels[folder.name], s) for f, s in zip(files, sizes) if s is not None
+        )
+    return records
+
+
+def read_folder(
+    root: str | Path,
+    eval_root: str | Path | None = None,
+    eval_fraction: float | None = None,
+    name: str | None = None,
+) -> SourceData:
+    """One sub-folder per class (labels = sorted folder names); ``name`` defaults to the root
+    folder's name. Eval is ``eval_root`` (the same
+    class folders) or, with ``eval_fraction`` f, a balanced held-out split: ``floor(f * n_min)``
+    images per class (at least 1, leaving at least one for training), chosen by a seeded
+    shuffle of each class's files as in :func:`select_longtail`."""
+    root = Path(root)
+    folders = _class_folders(root, "--root")
+    labels = {f.name: i for i, f in enumerate(folders)}
+    records = _folder_records(folders, labels, "--root")
+    k = len(folders)
+    details: dict[str, Any] = {"raw": str(root)}
+    if eval_root is not None:
+        eval_folders = _class_folders(Path(eval_root), "--eval-root")
+        unknown = [f.name for f in eval_folders if f.name not in labels]
+        if unknown:
+            raise UserError(
+                f"--eval-root {eval_root} has class folder {unknown[0]!r} that --root {root} "
+                "lacks; both must use the same class folder names"
+            )
+        train, evals = records, _folder_records(eval_folders, labels, "--eval-root")
+        details["eval_root"] = str(eval_root)
+    elif eval_fraction is not None:
+        if not 0 < eval_fraction < 1:
+            raise UserError(f"--eval-fraction must be between 0 and 1, got {eval_fraction}")
+        per_class = np.bincount([r.label for r in records], minlength=k)
+        n_min = int(per_class.min())
+        if n_min < 2:
+            raise UserError(
+                f"class folder {folders[int(per_class.argmin())]} has {n_min} image(s); "
+                "--eval-fraction needs at least 2 per class (or use --eval-root)"
+            )
+        held = min(max(1, int(eval_fraction * n_min)), n_min - 1)
+        held_idx = set(select_longtail([r.label for r in records], [held] * k))
+        train = [r for i, r in enumerate(records) if i not in held_idx]
+        evals = [r for i, r in enumerate(records) if i in held_idx]
+        details.update(eval_fraction=eval_fraction, eval_per_class=held)
+    else:
+        raise UserError("folder needs --eval-root DIR or --eval-fraction F for its eval split")
+    return SourceData(
+        dataset=name or root.resolve().name,
+        num_classes=k,
+        class_names=[f.name for f in folders],
+        train=train,
+        eval=evals,
+        details=details,
+    )
