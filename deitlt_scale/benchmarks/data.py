@@ -1,17 +1,197 @@
-"""`deitlt bench data`."""
+"""`deitlt bench data`: train-pipeline throughput, DALI against the torch/PIL/timm reference.
+
+Both loaders read the same shards with the same recipe (the paper's strong augmentation), image
+size, batch size and number of CPU threads (DALI) / worker processes (reference). The first
+``--warmup`` batches of each (pipeline build, worker start-up) are not timed. Figures are images
+per second; the ratio DALI / reference is printed last.
+"""
 
 from __future__ import annotations
 
 import argparse
+import io
 import sys
+import tempfile
+import time
+from pathlib import Path
 
-HELP = "not available yet"
+HELP = "images/s of the DALI train pipeline vs a torch DataLoader + PIL + timm reference"
 
 
 def register(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("rest", nargs=argparse.REMAINDER, help=argparse.SUPPRESS)
+    parser.add_argument(
+        "--shards",
+        type=Path,
+        default=None,
+        help="prepared dataset directory (with meta.json); default: generate small shards in a "
+        "temporary directory",
+    )
+    parser.add_argument(
+        "--device",
+        choices=("cpu", "gpu"),
+        default="cpu",
+        help="where DALI decodes and augments (gpu needs CUDA); the reference always uses CPU "
+        "workers and copies batches to the GPU when gpu is chosen",
+    )
+    parser.add_argument(
+        "--batches", type=int, default=20, help="timed batches per loader (default 20)"
+    )
+    parser.add_argument(
+        "--warmup", type=int, default=2, help="untimed batches before timing (default 2)"
+    )
+    parser.add_argument("--batch-size", type=int, default=32, help="images per batch (default 32)")
+    parser.add_argument(
+        "--image-size", type=int, default=224, help="output side in pixels (default 224)"
+    )
+    parser.add_argument(
+        "--threads",
+        type=int,
+        default=2,
+        help="DALI CPU threads and reference DataLoader workers (default 2)",
+    )
+    parser.add_argument(
+        "--source-size",
+        type=int,
+        nargs=2,
+        default=(256, 320),
+        metavar=("H", "W"),
+        help="height and width of generated images (default 256 320; ignored with --shards)",
+    )
+
+
+def _generate(
+    root: Path, count: int, shards: int, height: int, width: int, num_classes: int = 10
+) -> None:
+    """Write ``count`` smooth random JPEGs (natural-image-like sizes) as a prepared dataset."""
+    import numpy as np
+    from PIL import Image
+    from tqdm import tqdm
+
+    from deitlt_scale.data import meta as meta_io
+    from deitlt_scale.data.meta import DatasetMeta
+    from deitlt_scale.data.shards import Sample, shard_name, write_shard
+
+    rng = np.random.default_rng(0)
+
+    def sample(i: int) -> Sample:
+        coarse = rng.integers(0, 256, size=(height // 32, width // 32, 3), dtype=np.uint8)
+        image = Image.fromarray(coarse).resize((width, height), Image.BICUBIC)
+        pixels = np.asarray(image, dtype=np.int16) + rng.integers(-12, 13, (height, width, 3))
+        buf = io.BytesIO()
+        Image.fromarray(pixels.clip(0, 255).astype(np.uint8)).save(buf, "JPEG", quality=90)
+        return Sample(f"s{i:07d}", buf.getvalue(), i % num_classes)
+
+    samples = [sample(i) for i in tqdm(range(count), desc="generating images", file=sys.stderr)]
+    held_out = samples[:8]  # a token eval split: meta.json requires one
+    splits = {}
+    for split, items, parts in (("train", samples, shards), ("eval", held_out, 1)):
+        infos = [
+            write_shard(items[k::parts], root, shard_name(split, k)).to_json() for k in range(parts)
+        ]
+        splits[split] = {"num_samples": len(items), "shards": infos}
+
+    def counts(items: list[Sample]) -> list[int]:
+        return np.bincount([s.label for s in items], minlength=num_classes).tolist()
+
+    meta = DatasetMeta(
+        dataset="bench-synthetic",
+        num_classes=num_classes,
+        train_counts=counts(samples),
+        eval_counts=counts(held_out),
+        class_map=list(range(num_classes)),
+        class_names=[""] * num_classes,
+        groups={"paper": [0] * num_classes, "count": [0] * num_classes},
+        boundaries=(num_classes, num_classes),
+        imbalance_factor=1.0,
+        splits=splits,
+        source={"generated_by": "deitlt bench data"},
+    )
+    meta_io.save(meta, root)
+
+
+def _time(batches, warmup: int, count: int, device, desc: str) -> float:
+    """Images/s over ``count`` batches after ``warmup`` untimed ones."""
+    import torch
+    from tqdm import tqdm
+
+    stream = iter(batches)
+    for _ in range(warmup):
+        next(stream)
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    images = 0
+    start = time.perf_counter()
+    for _ in tqdm(range(count), desc=desc, file=sys.stderr):
+        batch = next(stream)
+        images += batch.images.shape[0]
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    return images / (time.perf_counter() - start)
 
 
 def run(args: argparse.Namespace) -> int:
-    print("deitlt bench data: not available yet", file=sys.stderr)
-    return 2
+    import torch
+
+    from deitlt_scale.config import DataConfig
+    from deitlt_scale.data import meta as meta_io
+    from deitlt_scale.data.loader import TrainLoader, resolve_backend
+    from deitlt_scale.data.reference import ReferenceLoader
+    from deitlt_scale.errors import UserError
+
+    for flag in ("batches", "batch_size", "image_size", "threads"):
+        if getattr(args, flag) < 1:
+            raise UserError(f"--{flag.replace('_', '-')} must be >= 1")
+    if args.warmup < 0:
+        raise UserError("--warmup must be >= 0")
+    cfg = DataConfig(image_size=args.image_size, device=args.device, num_threads=args.threads)
+    backend = resolve_backend(cfg.device)
+    device = (
+        torch.device("cuda", torch.cuda.current_device())
+        if backend == "gpu"
+        else torch.device("cpu")
+    )
+    needed = (args.warmup + args.batches) * args.batch_size
+    with tempfile.TemporaryDirectory(prefix="deitlt-bench-data-") as tmp:
+        if args.shards is None:
+            root, origin = Path(tmp), "generated"
+            _generate(root, needed, max(4, 2 * args.threads), *args.source_size)
+        else:
+            root, origin = args.shards, str(args.shards)
+        meta = meta_io.load(root)
+        available = meta.num_samples("train") // args.batch_size
+        if available < args.warmup + 1:
+            raise UserError(
+                f"{root} holds {meta.num_samples('train')} training images, too few for "
+                f"{args.warmup + 1} batches of {args.batch_size}; lower --batch-size"
+            )
+        timed = min(args.batches, available - args.warmup)
+        tars = [tar for tar, _ in meta.shard_files("train")]
+        print(
+            f"shards: {origin} ({meta.num_samples('train')} train images in {len(tars)} shards); "
+            f"image size {args.image_size}, batch {args.batch_size}, {args.threads} DALI "
+            f"threads / reference workers, {timed} timed batches after {args.warmup}",
+            flush=True,
+        )
+        dali = TrainLoader(
+            meta,
+            cfg,
+            micro_batch=args.batch_size,
+            micro_batches_per_epoch=args.warmup + timed,
+            rank=0,
+            world_size=1,
+            seed=0,
+            device=device,
+        )
+        dali_rate = _time(dali.epoch(0), args.warmup, timed, device, f"dali-{backend}")
+        print(f"dali ({backend}): {dali_rate:.1f} images/s", flush=True)
+        workers = min(args.threads, len(tars))  # a worker without a shard would idle
+        reference = ReferenceLoader(
+            tars, cfg, args.batch_size, num_workers=workers, seed=0, device=device
+        )
+        ref_rate = _time(reference, args.warmup, timed, device, "reference")
+        print(
+            f"reference (DataLoader, {workers} workers, PIL + timm): {ref_rate:.1f} images/s",
+            flush=True,
+        )
+    print(f"ratio dali/reference: {dali_rate / ref_rate:.2f}x")
+    return 0

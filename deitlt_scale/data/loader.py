@@ -1,0 +1,440 @@
+"""Iterators over the DALI graphs of :mod:`deitlt_scale.data.dali`, yielding :class:`Batch`.
+
+Data order (train). Each epoch the shard list is permuted with a generator seeded by
+``(seed, epoch)`` (the same on every rank); DALI's reader splits the concatenated samples of that
+order into ``world_size`` contiguous, disjoint ranges (``shard_id=rank``) and shuffles within a
+buffer of ``data.shuffle_buffer`` samples seeded by ``(seed, epoch, rank)``. So the partition of
+samples over ranks changes every epoch, each epoch's order is a pure function of
+``(seed, epoch, rank)``, and a pipeline is rebuilt per epoch (about a second of graph definition).
+
+An epoch yields exactly ``micro_batches_per_epoch`` full batches per rank; the trainer sets that to
+``floor(N / global_batch) * grad_accum``, so each rank leaves out the (shuffled) rest of its range:
+at most ``global_batch - 1`` images per epoch go unseen, a different random subset each epoch.
+
+Resuming (``start > 0``) rebuilds the same pipeline and runs and discards the first ``start``
+batches, so the order and the augmentation draws equal those of an uninterrupted epoch.
+
+Eval reads each rank's range in stored order; every rank yields the same number of batches
+(``ceil(max range / micro_batch)``) so collective ops stay in lock-step, and positions past the
+rank's range carry label -1.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import math
+import re
+import tarfile
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Literal
+
+import numpy as np
+import torch
+
+from deitlt_scale.config import DataConfig
+from deitlt_scale.data.dali import LABEL_BYTES, EvalGraph, TrainGraph, shard_range
+from deitlt_scale.data.meta import DatasetMeta
+from deitlt_scale.errors import UserError
+
+RANDAUGMENT_MSTD = 0.5  # timm "mstd0.5": Gaussian noise on the magnitude, per op
+
+
+class ShardError(UserError):
+    """A shard that is missing, truncated, inconsistent with its index, or lacks a label."""
+
+
+@dataclass
+class Batch:
+    images: torch.Tensor  # (B, 3, H, W) float32, normalised, on the target device
+    labels: torch.Tensor  # (B,) int64 model labels on the same device; -1 marks eval padding
+
+
+@dataclass(frozen=True)
+class ShardFiles:
+    tar: Path
+    index: Path
+    num_samples: int
+    bytes: int  # expected tar size, from meta.json
+
+
+# --------------------------------------------------------------------------------------------
+# Labels
+
+
+def parse_labels(raw: torch.Tensor) -> torch.Tensor:
+    """(B, LABEL_BYTES) uint8 ASCII decimal digits padded with zero bytes -> (B,) int64.
+
+    Vectorised on whatever device ``raw`` lives on (no host sync).
+    """
+    present = raw != 0
+    digits = (raw.to(torch.int64) - ord("0")) * present
+    length = present.sum(dim=1, keepdim=True)
+    position = torch.arange(raw.shape[1], device=raw.device)
+    exponent = (length - 1 - position).clamp(min=0)
+    return (digits * torch.pow(10, exponent)).sum(dim=1)
+
+
+# --------------------------------------------------------------------------------------------
+# Shard checks
+
+
+def check_shards(meta: DatasetMeta, split: str) -> list[ShardFiles]:
+    """Verify every shard of ``split`` before DALI touches it; raise :class:`ShardError` naming it.
+
+    Checks: tar and index exist; the tar has the size meta.json records; the index has the
+    recorded sample count, every sample has a ``.jpg`` and a ``.cls`` within the tar, and the tar
+    headers of the first and last indexed members carry the names the index gives.
+    """
+    infos = meta.splits[split]["shards"]
+    files = meta.shard_files(split)
+    if not files:
+        raise ShardError(
+            f"{meta.root}/meta.json lists no {split} shards; re-run `deitlt data prepare`"
+        )
+    out = []
+    for (tar, index), info in zip(files, infos):
+        out.append(_check_shard(tar, index, int(info["num_samples"]), int(info["bytes"])))
+    total = sum(s.num_samples for s in out)
+    if total != meta.num_samples(split):
+        raise ShardError(
+            f"{meta.root}/meta.json: {split} shards hold {total} samples but num_samples is "
+            f"{meta.num_samples(split)}; re-run `deitlt data prepare`"
+        )
+    return out
+
+
+def _check_shard(tar: Path, index: Path, num_samples: int, size: int) -> ShardFiles:
+    redo = "re-run `deitlt data prepare`"
+    if not tar.is_file():
+        raise ShardError(f"shard {tar} is missing; restore it or {redo}")
+    if not index.is_file():
+        raise ShardError(f"index {index} of shard {tar.name} is missing; {redo}")
+    actual = tar.stat().st_size
+    if actual != size:
+        raise ShardError(
+            f"shard {tar} is {actual} bytes but meta.json records {size} (truncated or replaced); "
+            f"{redo}"
+        )
+    lines = index.read_text().splitlines()
+    head = lines[0].split() if lines else []
+    if len(head) != 2 or head[0] != "v1.2" or not head[1].isdigit():
+        raise ShardError(f"index {index} has no 'v1.2 <count>' header; {redo}")
+    if int(head[1]) != num_samples or len(lines) - 1 != num_samples:
+        raise ShardError(
+            f"index {index} lists {len(lines) - 1} samples (header {head[1]}) but shard "
+            f"{tar.name} should hold {num_samples}; {redo}"
+        )
+    first: tuple[int, str] | None = None
+    last: tuple[int, str] | None = None
+    for row, line in enumerate(lines[1:], start=1):
+        fields = line.split()
+        if len(fields) % 4:
+            raise ShardError(f"index {index} line {row + 1} is malformed; {redo}")
+        parts = {}
+        for i in range(0, len(fields), 4):
+            ext, offset, length, name = fields[i : i + 4]
+            offset_i, length_i = int(offset), int(length)
+            if offset_i < 512 or offset_i + length_i > actual:
+                raise ShardError(
+                    f"index {index} line {row + 1}: {name} lies outside shard {tar.name}; {redo}"
+                )
+            parts[ext] = (offset_i, length_i, name)
+            if first is None:
+                first = (offset_i, name)
+            last = (offset_i, name)
+        missing = [ext for ext in ("jpg", "cls") if ext not in parts]
+        if missing:
+            raise ShardError(
+                f"shard {tar}: sample {row} ({fields[3] if fields else '?'}) has no "
+                f".{' or .'.join(missing)} member; {redo}"
+            )
+        cls_len = parts["cls"][1]
+        if not 1 <= cls_len < LABEL_BYTES:
+            raise ShardError(
+                f"shard {tar}: label {parts['cls'][2]} is {cls_len} bytes, expected 1..{LABEL_BYTES - 1}"
+            )
+    with open(tar, "rb") as f:
+        for offset, name in (first, last):  # type: ignore[misc]
+            f.seek(offset - 512)
+            header = f.read(512)
+            try:
+                member = tarfile.TarInfo.frombuf(header, "utf-8", "surrogateescape").name
+            except tarfile.TarError:
+                member = None
+            if member != name:
+                raise ShardError(
+                    f"index {index} does not match shard {tar.name}: at offset {offset} it expects "
+                    f"{name}, the tar holds {member!r}; {redo}"
+                )
+    return ShardFiles(tar, index, num_samples, size)
+
+
+def _shard_error(err: Exception, shards: list[ShardFiles]) -> ShardError:
+    """Turn a DALI runtime error into a one-line ShardError naming the shard where possible."""
+    text = str(err)
+    named = [s for s in shards if s.tar.name in text or s.index.name in text]
+    culprit = named[0].tar if named else None
+    if culprit is None:  # DALI did not say: find a shard that changed since the checks
+        for s in shards:
+            if not s.tar.is_file() or s.tar.stat().st_size != s.bytes:
+                culprit = s.tar
+                break
+    detail = _first_dali_line(text)
+    if culprit is not None:
+        return ShardError(
+            f"reading shard {culprit} failed ({detail}); restore it or re-run `deitlt data prepare`"
+        )
+    where = shards[0].tar.parent
+    return ShardError(f"reading the shards in {where} failed ({detail})")
+
+
+def _first_dali_line(text: str) -> str:
+    """The reason in a DALI error: the first line after "encountered:", without assert noise."""
+    tail = text.split("encountered:", 1)[-1]
+    skip = ("Critical error", "Error in", "which was", "File ", "C++ context", "Current pipeline")
+    for line in tail.splitlines():
+        line = line.strip()
+        if line and not line.startswith(skip):
+            line = re.sub(r'^Assert on ".*?" failed: ', "", line)
+            return re.sub(r"\s+", " ", line)[:200]
+    return "DALI error"
+
+
+# --------------------------------------------------------------------------------------------
+# Device
+
+
+def resolve_backend(setting: str) -> Literal["cpu", "gpu"]:
+    """``data.device`` -> the DALI backend; ``gpu`` without CUDA is a UserError."""
+    if setting == "auto":
+        return "gpu" if torch.cuda.is_available() else "cpu"
+    if setting == "gpu" and not torch.cuda.is_available():
+        raise UserError("data.device=gpu but CUDA is not available; set data.device=cpu")
+    if setting not in ("cpu", "gpu"):
+        raise UserError(f"data.device must be auto, cpu or gpu, got {setting!r}")
+    return setting  # type: ignore[return-value]
+
+
+def _device_id(backend: str, device: torch.device) -> int | None:
+    if backend == "cpu":
+        return None
+    if device.type == "cuda" and device.index is not None:
+        return device.index
+    return torch.cuda.current_device()
+
+
+def derive_seed(*parts: object) -> int:
+    """A 31-bit seed from any tuple of values (stable across processes and Python versions)."""
+    digest = hashlib.blake2b(repr(parts).encode(), digest_size=8).digest()
+    return int.from_bytes(digest, "little") % (2**31 - 1)
+
+
+# --------------------------------------------------------------------------------------------
+# Running a pipeline
+
+
+def _run(pipe, count: int, skip: int, shards: list[ShardFiles]) -> Iterator[tuple]:
+    """Yield ``count - skip`` (images, raw labels) torch pairs after discarding ``skip`` batches."""
+    from nvidia.dali.plugin.pytorch import DALIGenericIterator
+
+    try:
+        try:
+            stream = DALIGenericIterator([pipe], ["images", "labels"], size=-1, auto_reset=False)
+        except RuntimeError as err:
+            raise _shard_error(err, shards) from None
+        for step in range(count):
+            try:
+                out = next(stream)[0]
+            except (RuntimeError, StopIteration) as err:
+                raise _shard_error(err, shards) from None
+            if step >= skip:
+                yield out["images"], out["labels"]
+    finally:
+        del pipe
+
+
+def _to_device(tensor: torch.Tensor, device: torch.device) -> torch.Tensor:
+    if tensor.device == device:
+        return tensor
+    return tensor.to(device, non_blocking=True)
+
+
+# --------------------------------------------------------------------------------------------
+# Loaders
+
+
+class TrainLoader:
+    """Strongly augmented train batches, deterministic in ``(seed, epoch, rank)``."""
+
+    def __init__(
+        self,
+        meta: DatasetMeta,
+        cfg: DataConfig,
+        micro_batch: int,
+        micro_batches_per_epoch: int,
+        rank: int,
+        world_size: int,
+        seed: int,
+        device: torch.device,
+    ) -> None:
+        if not 0 <= rank < world_size:
+            raise ValueError(f"rank {rank} outside world of {world_size}")
+        self.shards = check_shards(meta, "train")
+        self.num_samples = meta.num_samples("train")
+        smallest = min(
+            end - begin
+            for begin, end in (
+                shard_range(self.num_samples, r, world_size) for r in range(world_size)
+            )
+        )
+        if micro_batch * micro_batches_per_epoch > smallest:
+            raise UserError(
+                f"{micro_batches_per_epoch} micro-batches of {micro_batch} exceed the {smallest} "
+                f"training images a rank holds ({self.num_samples} over {world_size} ranks); "
+                "use a smaller batch"
+            )
+        self.cfg = cfg
+        self.micro_batch = micro_batch
+        self.micro_batches_per_epoch = micro_batches_per_epoch
+        self.rank, self.world_size, self.seed = rank, world_size, seed
+        self.device = torch.device(device)
+        self.backend = resolve_backend(cfg.device)
+        a = cfg.augment
+        self.graph = TrainGraph(
+            image_size=cfg.image_size,
+            scale=tuple(a.scale),
+            ratio=tuple(a.ratio),
+            hflip=a.hflip,
+            randaugment_ops=a.randaugment_ops,
+            randaugment_magnitude=float(a.randaugment_magnitude),
+            randaugment_mstd=RANDAUGMENT_MSTD,
+            random_erasing=a.random_erasing,
+            mean=tuple(cfg.mean),
+            std=tuple(cfg.std),
+            shuffle_buffer=cfg.shuffle_buffer,
+        )
+
+    def __len__(self) -> int:
+        return self.micro_batches_per_epoch
+
+    def shard_order(self, epoch: int) -> list[int]:
+        """Indices into the shard list, the order the reader concatenates them in ``epoch``."""
+        rng = np.random.default_rng(derive_seed("shard-order", self.seed, epoch))
+        return [int(i) for i in rng.permutation(len(self.shards))]
+
+    def epoch(self, epoch: int, start: int = 0) -> Iterator[Batch]:
+        """Exactly ``micro_batches_per_epoch - start`` batches; see the module docstring."""
+        if not 0 <= start <= self.micro_batches_per_epoch:
+            raise ValueError(f"start={start} outside [0, {self.micro_batches_per_epoch}]")
+        for shard in self.shards:  # cheap re-check: a shard replaced between epochs
+            if not shard.tar.is_file() or shard.tar.stat().st_size != shard.bytes:
+                raise _shard_error(
+                    RuntimeError("changed since the loader was created"), self.shards
+                )
+        return self._batches(epoch, start)
+
+    def build_pipeline(self, epoch: int):
+        from deitlt_scale.data.dali import train_pipeline
+
+        order = [self.shards[i] for i in self.shard_order(epoch)]
+        return train_pipeline(
+            tars=[str(s.tar) for s in order],
+            indexes=[str(s.index) for s in order],
+            shard_id=self.rank,
+            num_shards=self.world_size,
+            reader_seed=derive_seed("reader", self.seed, epoch, self.rank),
+            graph=self.graph,
+            device=self.backend,
+            batch_size=self.micro_batch,
+            num_threads=self.cfg.num_threads,
+            device_id=_device_id(self.backend, self.device),
+            seed=derive_seed("augment", self.seed, epoch, self.rank),
+            prefetch_queue_depth=self.cfg.prefetch,
+        )
+
+    def _batches(self, epoch: int, start: int) -> Iterator[Batch]:
+        if start == self.micro_batches_per_epoch:
+            return
+        pipe = self.build_pipeline(epoch)
+        for images, raw in _run(pipe, self.micro_batches_per_epoch, start, self.shards):
+            labels = parse_labels(_to_device(raw, self.device))
+            yield Batch(_to_device(images, self.device), labels)
+
+
+class EvalLoader:
+    """Every eval sample exactly once across ranks, centre-cropped; padding labelled -1."""
+
+    def __init__(
+        self,
+        meta: DatasetMeta,
+        cfg: DataConfig,
+        micro_batch: int,
+        rank: int,
+        world_size: int,
+        device: torch.device,
+    ) -> None:
+        if not 0 <= rank < world_size:
+            raise ValueError(f"rank {rank} outside world of {world_size}")
+        self.shards = check_shards(meta, "eval")
+        n = meta.num_samples("eval")
+        ranges = [shard_range(n, r, world_size) for r in range(world_size)]
+        if n < world_size:
+            raise UserError(
+                f"{meta.root}: the eval split has {n} images, fewer than the {world_size} ranks"
+            )
+        self.begin, self.end = ranges[rank]
+        self.num_batches = max(1, math.ceil(max(e - b for b, e in ranges) / micro_batch))
+        self.cfg, self.micro_batch = cfg, micro_batch
+        self.rank, self.world_size = rank, world_size
+        self.device = torch.device(device)
+        self.backend = resolve_backend(cfg.device)
+        self.graph = EvalGraph(
+            image_size=cfg.image_size,
+            resize_shorter=math.floor(cfg.image_size / cfg.augment.eval_crop_pct + 1e-6),
+            mean=tuple(cfg.mean),
+            std=tuple(cfg.std),
+        )
+
+    def __len__(self) -> int:
+        return self.num_batches
+
+    def __iter__(self) -> Iterator[Batch]:
+        from deitlt_scale.data.dali import eval_pipeline
+
+        for shard in self.shards:
+            if not shard.tar.is_file() or shard.tar.stat().st_size != shard.bytes:
+                raise _shard_error(
+                    RuntimeError("changed since the loader was created"), self.shards
+                )
+        pipe = eval_pipeline(
+            tars=[str(s.tar) for s in self.shards],
+            indexes=[str(s.index) for s in self.shards],
+            shard_id=self.rank,
+            num_shards=self.world_size,
+            graph=self.graph,
+            device=self.backend,
+            batch_size=self.micro_batch,
+            num_threads=self.cfg.num_threads,
+            device_id=_device_id(self.backend, self.device),
+            seed=0,
+            prefetch_queue_depth=self.cfg.prefetch,
+        )
+        valid = self.end - self.begin
+        position = torch.arange(self.micro_batch, device=self.device)
+        for step, (images, raw) in enumerate(_run(pipe, self.num_batches, 0, self.shards)):
+            labels = parse_labels(_to_device(raw, self.device))
+            labels = torch.where(position + step * self.micro_batch < valid, labels, -1)
+            yield Batch(_to_device(images, self.device), labels)
+
+
+__all__ = [
+    "Batch",
+    "EvalLoader",
+    "ShardError",
+    "TrainLoader",
+    "check_shards",
+    "parse_labels",
+    "resolve_backend",
+]
