@@ -324,6 +324,13 @@ def validate(cfg: Config) -> None:
     )
     _require(0 < a.eval_crop_pct <= 1, "data.augment.eval_crop_pct", "must be in (0, 1]")
     _require(cfg.checkpoint.keep_last >= 1, "checkpoint.keep_last", "must be >= 1")
+    if cfg.optim.sam_rho > 0:
+        _require(
+            t.task == "teacher" and cfg.deepspeed.zero_stage == 0 and t.grad_accum == 1,
+            "optim.sam_rho",
+            "> 0 needs train.task=teacher, deepspeed.zero_stage=0 and train.grad_accum=1 "
+            "(SAM perturbs the full, already reduced gradient)",
+        )
     if t.task == "student" and d.type != "none":
         _require(
             cfg.model.distilled,

@@ -42,3 +42,32 @@ def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
         for nodeid in _unexpected_skips:
             print(f"  {nodeid}")
         session.exitstatus = pytest.ExitCode.TESTS_FAILED
+
+
+# --------------------------------------------------------------------------------------------
+# Shared tiny data for the training tests: the real embedded dataset, prepared once per session.
+
+
+@pytest.fixture(scope="session")
+def digits_lt(tmp_path_factory: pytest.TempPathFactory):
+    """The embedded long-tailed digits, prepared with small shards (several per split)."""
+    from deitlt_scale.data.prepare import prepare_dataset
+
+    out = tmp_path_factory.mktemp("digits") / "digits-lt"
+    prepare_dataset("digits-lt", out=out, shard_size="64KB", progress=False)
+    return out
+
+
+@pytest.fixture(scope="session")
+def random_teacher(tmp_path_factory: pytest.TempPathFactory):
+    """A real teacher file (ResNet-32, random weights) for the 10 digit classes at 32 px."""
+    import torch
+
+    from deitlt_scale.models.teacher_file import TeacherInfo, save_teacher
+    from deitlt_scale.models.teachers import create_teacher_arch
+
+    torch.manual_seed(0)
+    out = tmp_path_factory.mktemp("teacher") / "teacher"
+    model = create_teacher_arch("resnet32", 10)
+    save_teacher(out, model, TeacherInfo("resnet32", 10, 32, label_space="model"))
+    return out

@@ -1,17 +1,132 @@
-"""`deitlt train`: train a DeiT-LT student from a recipe (DeepSpeed, DALI, co-located teacher)."""
+"""`deitlt train RECIPE [section.key=value ...]`: train a DeiT-LT student (or a teacher).
+
+One process per device: run it under torchrun or srun for several; alone it is one process.
+Exit status: 0 finished, 75 stopped by SIGUSR1/SIGTERM after a complete checkpoint (requeue and
+run the same command again to resume), 3 non-finite loss, 2 bad input.
+"""
 
 from __future__ import annotations
 
 import argparse
+import json
 import sys
+from pathlib import Path
 
 HELP = "train a DeiT-LT student from a recipe (DeepSpeed, DALI, co-located teacher)"
 
 
 def register(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("rest", nargs=argparse.REMAINDER, help=argparse.SUPPRESS)
+    parser.add_argument("recipe", help="YAML recipe, e.g. recipes/tiny_digits.yaml")
+    parser.add_argument(
+        "overrides", nargs="*", help="dotted overrides, e.g. optim.lr=1e-3 train.epochs=2"
+    )
+    parser.add_argument(
+        "--dry-run",
+        action="store_true",
+        help="build everything, print the resolved config, world layout and batch, then exit",
+    )
+    parser.epilog = (
+        "Resumes automatically from the newest complete checkpoint in runtime.run_dir. "
+        "Exit status 75 means: stopped by a signal after a checkpoint; run again to resume."
+    )
 
 
 def run(args: argparse.Namespace) -> int:
-    print("deitlt train: not available yet (planned in issue 6)", file=sys.stderr)
-    return 2
+    return run_training(args.recipe, args.overrides, dry_run=args.dry_run)
+
+
+def run_training(
+    recipe: str | Path,
+    overrides: list[str] | tuple[str, ...] = (),
+    task: str | None = None,
+    dry_run: bool = False,
+) -> int:
+    """Load the recipe, set up the process group, build, train; returns the exit status."""
+    from deitlt_scale import config as config_mod
+    from deitlt_scale.engine.distributed import broadcast_object, init_distributed
+    from deitlt_scale.engine.trainer import EXIT_NONFINITE, NonFiniteLoss, Trainer
+    from deitlt_scale.errors import UserError
+
+    cfg = config_mod.load(recipe, overrides)
+    if task is not None and cfg.train.task != task:
+        raise UserError(f"{recipe} sets train.task={cfg.train.task}; this command trains a {task}")
+    world = init_distributed(cfg.runtime.device)
+    try:
+        trainer = Trainer(cfg, world).build()
+        if world.is_main:
+            print(trainer.describe(), flush=True)
+        if dry_run:
+            if world.is_main:
+                import yaml
+
+                print(yaml.safe_dump(config_mod.to_dict(cfg), sort_keys=False), flush=True)
+                print("dry run: stopping before step 1", flush=True)
+            return 0
+        run_dir = trainer.run_dir
+        if world.is_main:
+            run_dir.mkdir(parents=True, exist_ok=True)
+            config_mod.dump(cfg, run_dir / "config.yaml")
+            spec = (
+                run_dir / "student.json" if cfg.train.task == "student" else run_dir / "model.json"
+            )
+            spec.write_text(json.dumps(trainer.model_spec, indent=1))
+        tracker = _start_tracker(cfg, trainer, world, broadcast_object)
+        status = "FINISHED"
+        try:
+            code = trainer.train(tracker)
+        except NonFiniteLoss as err:
+            print(f"deitlt train: error: {err}", file=sys.stderr, flush=True)
+            status, code = "FAILED", EXIT_NONFINITE
+        if code == 0 and cfg.train.task == "teacher" and world.is_main:
+            path = _save_trained_teacher(cfg, trainer)
+            print(f"teacher file: {path}", flush=True)
+        if world.is_main:
+            if code == 0:
+                print(f"done: {trainer.state.step} steps; outputs in {run_dir}", flush=True)
+            elif code == 75:
+                print(
+                    f"stopped at step {trainer.state.step} after a checkpoint (exit 75)", flush=True
+                )
+        tracker.close("FINISHED" if code in (0, 75) else status)
+        return code
+    finally:
+        import torch.distributed as dist
+
+        if dist.is_initialized():
+            dist.destroy_process_group()
+
+
+def _start_tracker(cfg, trainer, world, broadcast_object):
+    """Rank 0 creates (or continues) the MLflow run; the other ranks learn its id."""
+    from deitlt_scale import config as config_mod
+    from deitlt_scale.tracking import Tracker, standard_tags
+
+    tags = standard_tags(cfg, world.world_size, world.device.type, dataset=trainer.meta.dataset)
+    if world.is_main:
+        tracker = Tracker.start(
+            cfg.tracking, trainer.run_dir, config_mod.flatten(cfg), tags, rank=0
+        )
+        broadcast_object(tracker.run_id)
+        return tracker
+    run_id = broadcast_object(None)
+    return Tracker.start(cfg.tracking, trainer.run_dir, {}, tags, rank=world.rank, run_id=run_id)
+
+
+def _save_trained_teacher(cfg, trainer) -> Path:
+    from deitlt_scale.models.teacher_file import TeacherInfo, save_teacher
+
+    module = trainer.engine.module
+    module = getattr(module, "_orig_mod", module)
+    info = TeacherInfo(
+        arch=cfg.model.arch,
+        num_classes=trainer.num_classes,
+        input_size=cfg.data.image_size,
+        mean=tuple(cfg.data.mean),
+        std=tuple(cfg.data.std),
+        normed=cfg.distill.teacher_loss == "ldam",
+        label_space="model",
+        source=f"deitlt teacher train ({trainer.run_dir})",
+    )
+    out = trainer.run_dir / "teacher"
+    save_teacher(out, module.float(), info)
+    return out

@@ -1,0 +1,153 @@
+"""DeepSpeed checkpoints with a completion marker, auto-resume and retention.
+
+Layout: ``RUN_DIR/checkpoints/<tag>/`` is a DeepSpeed checkpoint (every rank writes its shards);
+``<tag>/COMPLETE`` is written by rank 0 after a barrier, i.e. only once all shards are on disk.
+Resume only ever considers tags with a COMPLETE marker, so a kill during a save loses at most the
+steps since the previous checkpoint and never yields a half-written one.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from deitlt_scale.engine.distributed import barrier
+
+CHECKPOINTS = "checkpoints"
+COMPLETE = "COMPLETE"
+BEST = "best"
+
+
+def step_tag(step: int) -> str:
+    return f"step_{step:08d}"
+
+
+@dataclass(frozen=True)
+class CheckpointRef:
+    tag: str
+    path: Path
+    step: int
+    epoch: int
+    world_size: int
+
+
+def complete_checkpoints(run_dir: str | Path) -> list[CheckpointRef]:
+    """Complete step checkpoints of a run, oldest first ("best" excluded)."""
+    root = Path(run_dir) / CHECKPOINTS
+    refs = []
+    for marker in root.glob(f"step_*/{COMPLETE}"):
+        info = _read_marker(marker)
+        if info is not None:
+            refs.append(
+                CheckpointRef(
+                    marker.parent.name,
+                    marker.parent,
+                    int(info["step"]),
+                    int(info["epoch"]),
+                    int(info.get("world_size", 0)),
+                )
+            )
+    return sorted(refs, key=lambda r: r.step)
+
+
+def latest_checkpoint(run_dir: str | Path) -> CheckpointRef | None:
+    refs = complete_checkpoints(run_dir)
+    return refs[-1] if refs else None
+
+
+def find_checkpoint(run_dir: str | Path, tag: str) -> CheckpointRef | None:
+    """``tag`` is "latest", "best" or a step tag; None when absent or incomplete."""
+    if tag == "latest":
+        return latest_checkpoint(run_dir)
+    path = Path(run_dir) / CHECKPOINTS / tag
+    info = _read_marker(path / COMPLETE)
+    if info is None:
+        return None
+    return CheckpointRef(
+        tag, path, int(info["step"]), int(info["epoch"]), int(info.get("world_size", 0))
+    )
+
+
+def save(
+    engine: Any,
+    run_dir: str | Path,
+    tag: str,
+    *,
+    step: int,
+    epoch: int,
+    world_size: int,
+    client_state: dict[str, Any],
+    is_main: bool,
+    keep_last: int | None = None,
+) -> Path:
+    """Save on all ranks (collective), then mark complete and prune. Must run on every rank."""
+    root = Path(run_dir) / CHECKPOINTS
+    path = root / tag
+    if is_main:
+        # Re-saving a tag (e.g. "best"): unmark it first so a kill mid-save leaves it incomplete.
+        (path / COMPLETE).unlink(missing_ok=True)
+    barrier()
+    engine.save_checkpoint(str(root), tag=tag, client_state=client_state, save_latest=False)
+    barrier()  # every rank's shards are written before the marker
+    if is_main:
+        _fsync_tree(path)
+        marker = {"step": step, "epoch": epoch, "world_size": world_size, "time": time.time()}
+        tmp = path / f".{COMPLETE}.partial"
+        tmp.write_text(json.dumps(marker))
+        _fsync_file(tmp)
+        tmp.replace(path / COMPLETE)
+        if keep_last is not None:
+            prune(run_dir, keep_last)
+    barrier()
+    return path
+
+
+def prune(run_dir: str | Path, keep_last: int) -> None:
+    """Keep the newest ``keep_last`` complete step checkpoints; drop older and stale partial ones."""
+    refs = complete_checkpoints(run_dir)
+    for ref in refs[:-keep_last]:
+        shutil.rmtree(ref.path, ignore_errors=True)
+    newest = refs[-1].step if refs else -1
+    for path in (Path(run_dir) / CHECKPOINTS).glob("step_*"):
+        if not (path / COMPLETE).exists() and _tag_step(path.name) < newest:
+            shutil.rmtree(path, ignore_errors=True)
+
+
+def load(engine: Any, ref: CheckpointRef) -> dict[str, Any]:
+    """Load model, optimizer and client state on every rank; returns the client state."""
+    _, client_state = engine.load_checkpoint(
+        str(ref.path.parent), tag=ref.tag, load_module_strict=True, load_lr_scheduler_states=False
+    )
+    if client_state is None:
+        raise RuntimeError(f"checkpoint {ref.path} could not be loaded")
+    return client_state
+
+
+def _tag_step(name: str) -> int:
+    try:
+        return int(name.split("_", 1)[1])
+    except (IndexError, ValueError):
+        return -1
+
+
+def _read_marker(marker: Path) -> dict[str, Any] | None:
+    try:
+        return json.loads(marker.read_text())
+    except (OSError, json.JSONDecodeError):
+        return None
+
+
+def _fsync_file(path: Path) -> None:
+    with open(path, "rb") as f:
+        os.fsync(f.fileno())
+
+
+def _fsync_tree(path: Path) -> None:
+    for file in path.rglob("*"):
+        if file.is_file():
+            _fsync_file(file)

@@ -1,0 +1,422 @@
+"""The training loop: a DeepSpeed student (or teacher) engine fed by DALI, one objective, resume.
+
+Randomness is a pure function of (seed, rank, step, micro-step): the data order of an epoch comes
+from (seed, epoch, rank), mixup from a per-micro-step seed, and the torch generator (drop path) is
+re-seeded per micro-step. Resuming from a checkpoint therefore needs only the step counter, and a
+killed-and-resumed run follows the same trajectory as an uninterrupted one.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import signal
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+
+from deitlt_scale import config as config_mod
+from deitlt_scale.config import Config
+from deitlt_scale.data import meta as meta_mod
+from deitlt_scale.engine import checkpoint
+from deitlt_scale.engine.distributed import World, deepspeed_config
+from deitlt_scale.engine.evaluate import EvalResult, evaluate, format_table, write_per_class_csv
+from deitlt_scale.errors import UserError
+
+EXIT_REQUEUE = 75  # stopped by a signal after a complete checkpoint: requeue and resume
+EXIT_NONFINITE = 3
+
+
+class NonFiniteLoss(RuntimeError):
+    pass
+
+
+@dataclass
+class TrainState:
+    step: int = 0  # optimizer steps completed
+    best_metric: float = -math.inf
+    best_step: int = -1
+    history: list[dict[str, float]] = field(default_factory=list)
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"step": self.step, "best_metric": self.best_metric, "best_step": self.best_step}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.step = int(state["step"])
+        self.best_metric = float(state["best_metric"])
+        self.best_step = int(state["best_step"])
+
+
+class Trainer:
+    """Build with :meth:`build`, then :meth:`train`. Every method runs on every rank."""
+
+    def __init__(self, cfg: Config, world: World) -> None:
+        self.cfg, self.world = cfg, world
+        self.run_dir = Path(cfg.runtime.run_dir)
+        self.task = cfg.train.task
+        self.state = TrainState()
+        self._stop_signal: int | None = None
+        self._flags_pending: torch.Tensor | None = None
+
+    # ---------------------------------------------------------------- build
+    def build(self) -> Trainer:
+        from deitlt_scale.engine import components
+
+        cfg, world = self.cfg, self.world
+        self.meta = meta_mod.load(cfg.data.shards)
+        self.num_classes = self.meta.num_classes
+        self.steps = config_mod.resolve_steps(cfg, self.meta.num_samples("train"), world.world_size)
+        self.peak_lr = components.peak_lr(cfg, world.world_size)
+        self.ds_config = deepspeed_config(cfg, world.world_size)
+        self.compute_dtype = torch.bfloat16 if cfg.deepspeed.bf16 else torch.float32
+        self.teacher, self.teacher_info = components.build_teacher(cfg, self.meta, world.device)
+        model = components.build_model(cfg, self.meta)
+        self.model_spec = components.model_spec(cfg, self.meta)
+        if cfg.model.compile:
+            model = torch.compile(model)
+        self.engine = components.build_engine(model, cfg, self.ds_config, self.peak_lr)
+        self.objective = components.build_objective(cfg, self.meta, self.teacher_info, world.device)
+        self.mixer = components.build_mixer(cfg, self.num_classes)
+        self.train_loader, self.eval_loader = components.build_loaders(
+            cfg, self.meta, self.steps, world
+        )
+        return self
+
+    def describe(self) -> str:
+        cfg, w, s = self.cfg, self.world, self.steps
+        return "\n".join(
+            [
+                f"run dir      {self.run_dir}",
+                f"task         {self.task}  data {self.meta.dataset} ({self.meta.num_samples('train')} train"
+                f" / {self.meta.num_samples('eval')} eval images, {self.num_classes} classes)",
+                f"world        {w.world_size} process(es) on {w.device.type} ({w.backend}), rank {w.rank}",
+                f"batch        {cfg.train.micro_batch} per process x {cfg.train.grad_accum} accumulation"
+                f" x {w.world_size} = {cfg.train.micro_batch * cfg.train.grad_accum * w.world_size} global",
+                f"schedule     {s.steps_per_epoch} steps/epoch, {s.total} steps, warm-up {s.warmup},"
+                f" DRW from step {s.drw_start}, peak lr {self.peak_lr:.3g}",
+                f"deepspeed    ZeRO {cfg.deepspeed.zero_stage}, bf16 {cfg.deepspeed.bf16},"
+                f" compile {cfg.model.compile}",
+                f"teacher      {cfg.teacher.path or 'none'}",
+            ]
+        )
+
+    # ---------------------------------------------------------------- loop
+    def train(self, tracker: Any) -> int:
+        """Run to the end (0), or stop on a signal after a checkpoint (EXIT_REQUEUE)."""
+        self.tracker = tracker
+        self._install_signal_handlers()
+        self._resume()
+        s, accum = self.steps, self.cfg.train.grad_accum
+        window = _Window(self.world.device)
+        while self.state.step < s.total:
+            epoch, first = divmod(self.state.step, s.steps_per_epoch)
+            batches = iter(self.train_loader.epoch(epoch, start=first * accum))
+            for _ in range(first, min(s.steps_per_epoch, s.total - epoch * s.steps_per_epoch)):
+                step = self.state.step
+                self._set_lr(step)
+                for micro in range(accum):
+                    t0 = time.perf_counter()
+                    batch = next(batches)
+                    window.data_time += time.perf_counter() - t0
+                    window.add(self.train_micro_step(batch, step, micro))
+                self.state.step = step + 1
+                window.steps += 1
+                stop = self._check_flags(window)
+                if self.state.step % self.cfg.train.log_every == 0:
+                    self._log(window.flush(self.state.step, self._images_per_step()))
+                if stop:
+                    self._save(epoch)
+                    return EXIT_REQUEUE
+                if self._should_save_midepoch():
+                    self._save(epoch)
+            self._end_of_epoch(epoch)
+        self._check_flags(window, final=True)
+        return 0
+
+    def train_micro_step(self, batch: Any, step: int, micro: int) -> dict[str, torch.Tensor]:
+        """Forward, loss and backward of one micro-batch; the engine steps at the boundary."""
+        cfg = self.cfg
+        seed = _mix_seed(cfg.train.seed, self.world.rank, step, micro)
+        torch.manual_seed(seed)  # drop path and any other torch randomness
+        drw = self.steps.drw_start is not None and step >= self.steps.drw_start
+        images, targets = self._mix(batch, seed, drw)
+        teacher_logits = self._teacher_logits(images)
+        out = self.engine(images.to(self.compute_dtype))
+        parts = self._loss(out, targets, batch.labels, teacher_logits, drw)
+        if self.task == "student" and out.dist_feat is not None:
+            # The paper's expert-divergence signal (Fig. 4a plots 1 - this).
+            parts["cls_dist_cosine"] = F.cosine_similarity(
+                out.cls_feat.float(), out.dist_feat.float(), dim=-1
+            ).mean()
+        loss = parts["loss"]
+        if cfg.train.on_nonfinite == "skip" and self._any_rank_nonfinite(loss):
+            # Keep every rank's collectives aligned: a zero-gradient backward from the
+            # parameters alone (activations may hold NaN), so this micro-batch adds nothing.
+            loss = sum(p.sum() for p in self.engine.module.parameters() if p.requires_grad) * 0.0
+            parts = {**parts, "skipped": torch.ones((), device=loss.device)}
+        self.engine.backward(loss)
+        if self.sam_rho > 0:
+            self._sam_second_pass(images, targets, batch.labels, drw)
+        self.engine.step()
+        return {k: v.detach() for k, v in parts.items()}
+
+    # ---------------------------------------------------------------- pieces
+    @property
+    def sam_rho(self) -> float:
+        return self.cfg.optim.sam_rho if self.task == "teacher" else 0.0
+
+    def _mix(self, batch: Any, seed: int, drw: bool) -> tuple[torch.Tensor, torch.Tensor | None]:
+        if self.mixer.enabled and not (drw and self.cfg.distill.no_mixup_drw):
+            return self.mixer(batch.images, batch.labels, seed)
+        if drw and self.cfg.distill.no_mixup_drw:
+            return batch.images, None  # hard-label CE, no smoothing (the CIFAR DRW phase)
+        if self.cfg.data.mixup.label_smoothing > 0 and self.task == "student":
+            return batch.images, self.mixer.smooth_only(batch.labels)
+        return batch.images, None
+
+    @torch.no_grad()
+    def _teacher_logits(self, images: torch.Tensor) -> torch.Tensor | None:
+        if self.teacher is None:
+            return None
+        size = self.teacher_info.input_size
+        if images.shape[-1] != size or images.shape[-2] != size:
+            # As the reference: bicubic, no antialias, on the mixed normalised batch (METHOD.md 3.2).
+            images = F.interpolate(images, size=(size, size), mode="bicubic", align_corners=False)
+        dtype = torch.bfloat16 if self.cfg.teacher.dtype == "bf16" else torch.float32
+        memory_format = torch.channels_last if self.cfg.teacher.channels_last else None
+        x = images.to(dtype=dtype, memory_format=memory_format or torch.contiguous_format)
+        return self.teacher(x).float()
+
+    def _loss(self, out, targets, labels, teacher_logits, drw) -> dict[str, torch.Tensor]:
+        if self.task == "teacher":
+            return self.objective(out.float(), labels, drw)
+        return self.objective(out, targets, labels, teacher_logits, drw)
+
+    def _sam_second_pass(self, images, targets, labels, drw) -> None:
+        from deitlt_scale.optim import sam_perturb, sam_restore
+
+        params = [p for p in self.engine.module.parameters() if p.requires_grad]
+        undo = sam_perturb(params, self.cfg.optim.sam_rho, self.cfg.optim.sam_adaptive)
+        self.engine.optimizer.zero_grad()
+        out = self.engine(images.to(self.compute_dtype))
+        self.engine.backward(self._loss(out, targets, labels, None, drw)["loss"])
+        sam_restore(params, undo)
+
+    def _set_lr(self, step: int) -> None:
+        from deitlt_scale.optim import lr_at
+
+        sched = self.cfg.schedule
+        lr = lr_at(
+            step,
+            peak=self.peak_lr,
+            total_steps=self.steps.scheduled,
+            warmup_steps=self.steps.warmup,
+            warmup_lr=sched.warmup_lr,
+            min_lr=sched.min_lr,
+        )
+        for group in self.engine.optimizer.param_groups:
+            group["lr"] = lr
+        self._lr = lr
+
+    def _any_rank_nonfinite(self, loss: torch.Tensor) -> bool:
+        flag = (~torch.isfinite(loss.detach())).float().reshape(1)
+        if self.world.world_size > 1:
+            torch.distributed.all_reduce(flag)
+        return bool(flag.item())
+
+    def _check_flags(self, window: _Window, final: bool = False) -> bool:
+        """All-reduced [non-finite, stop] flags, read one step late so no step waits on the device."""
+        stop = torch.tensor(float(self._stop_signal is not None), device=self.world.device)
+        flags = torch.stack([window.nonfinite.clamp(max=1), stop])
+        window.nonfinite.zero_()
+        if self.world.world_size > 1:
+            torch.distributed.all_reduce(flags)
+        previous, self._flags_pending = self._flags_pending, flags.to("cpu", non_blocking=True)
+        checks = [previous, self._flags_pending] if final else [previous]
+        for pending in checks:
+            if pending is None:
+                continue
+            if pending[0] > 0 and self.cfg.train.on_nonfinite == "stop":
+                last = checkpoint.latest_checkpoint(self.run_dir)
+                raise NonFiniteLoss(
+                    f"non-finite loss at or before step {self.state.step}; last good checkpoint: "
+                    f"{last.path if last else 'none'} (set train.on_nonfinite=skip to skip such batches)"
+                )
+            if pending[1] > 0:
+                return True
+        return False
+
+    def _end_of_epoch(self, epoch: int) -> None:
+        cfg, done = self.cfg, self.state.step >= self.steps.total
+        if (epoch + 1) % cfg.eval.every_epochs == 0 or done:
+            result = self.run_eval()
+            metric = result.metrics[self._headline_key()]
+            if metric > self.state.best_metric:
+                self.state.best_metric, self.state.best_step = metric, self.state.step
+                self._save(epoch, tag=checkpoint.BEST)
+        if (epoch + 1) % cfg.checkpoint.every_epochs == 0 or done:
+            self._save(epoch)
+
+    def _should_save_midepoch(self) -> bool:
+        every = self.cfg.checkpoint.every_steps
+        return (
+            every > 0
+            and self.state.step % every == 0
+            and self.state.step % self.steps.steps_per_epoch != 0
+        )
+
+    def run_eval(self) -> EvalResult:
+        self.engine.eval()
+        try:
+            result = evaluate(
+                self.predict,
+                self.eval_loader,
+                self.num_classes,
+                self.meta.groups,
+                self.world.device,
+            )
+        finally:
+            self.engine.train()
+        if self.world.is_main:
+            write_eval_outputs(result, self.run_dir / "eval", self.meta, self.state.step)
+            print(f"[step {self.state.step}] eval\n{format_table(result)}", flush=True)
+            self.tracker.log_metrics(
+                {f"eval/{k}": v for k, v in result.metrics.items()}, self.state.step
+            )
+        return result
+
+    def predict(self, images: torch.Tensor) -> dict[str, torch.Tensor]:
+        module = self.engine.module
+        images = images.to(self.compute_dtype)
+        if self.task == "teacher":
+            return {"teacher": module(images)}
+        out = getattr(module, "_orig_mod", module).forward_heads(images)
+        if out.dist_logits is None:
+            return {"cls": out.cls_logits}
+        return {
+            "cls": out.cls_logits,
+            "dist": out.dist_logits,
+            "mean": (out.cls_logits + out.dist_logits) / 2,
+        }
+
+    def _headline_key(self) -> str:
+        if self.task == "teacher":
+            return "teacher/overall"
+        return "mean/overall" if self.cfg.model.distilled else "cls/overall"
+
+    def _save(self, epoch: int, tag: str | None = None) -> None:
+        client = {
+            "train_state": self.state.state_dict(),
+            "config_hash": config_mod.config_hash(self.cfg),
+            "world_size": self.world.world_size,
+        }
+        checkpoint.save(
+            self.engine,
+            self.run_dir,
+            tag or checkpoint.step_tag(self.state.step),
+            step=self.state.step,
+            epoch=epoch,
+            world_size=self.world.world_size,
+            client_state=client,
+            is_main=self.world.is_main,
+            keep_last=None if tag else self.cfg.checkpoint.keep_last,
+        )
+
+    def _resume(self) -> None:
+        ref = checkpoint.latest_checkpoint(self.run_dir) if self.cfg.checkpoint.resume else None
+        if ref is None:
+            return
+        if ref.world_size and ref.world_size != self.world.world_size:
+            raise UserError(
+                f"checkpoint {ref.path} was written by {ref.world_size} processes, this run has "
+                f"{self.world.world_size}; convert it first: deitlt train --to-universal {self.run_dir}"
+            )
+        client = checkpoint.load(self.engine, ref)
+        if client.get("config_hash") != config_mod.config_hash(self.cfg) and self.world.is_main:
+            print(
+                f"warning: the config differs from the one that wrote {ref.path}", file=sys.stderr
+            )
+        self.state.load_state_dict(client["train_state"])
+        if self.world.is_main:
+            print(f"resumed from {ref.path} at step {self.state.step}", flush=True)
+
+    def _log(self, metrics: dict[str, float]) -> None:
+        metrics["train/lr"] = self._lr
+        metrics["train/epoch"] = self.state.step / self.steps.steps_per_epoch
+        if self.world.is_main:
+            self.tracker.log_metrics(metrics, self.state.step)
+            shown = " ".join(f"{k.split('/')[-1]}={v:.4g}" for k, v in metrics.items())
+            print(f"[step {self.state.step}/{self.steps.total}] {shown}", flush=True)
+
+    def _images_per_step(self) -> int:
+        t = self.cfg.train
+        return t.micro_batch * t.grad_accum * self.world.world_size
+
+    def _install_signal_handlers(self) -> None:
+        def handler(signum, _frame):
+            self._stop_signal = signum
+
+        for sig in (signal.SIGUSR1, signal.SIGTERM):
+            signal.signal(sig, handler)
+
+
+class _Window:
+    """Running sums of the step's named losses on the device; read only at log steps."""
+
+    def __init__(self, device: torch.device) -> None:
+        self.device = device
+        self.sums: dict[str, torch.Tensor] = {}
+        self.count = 0  # micro-batches since the last flush
+        self.steps = 0  # optimizer steps since the last flush
+        self.data_time = 0.0
+        self.started = time.perf_counter()
+        self.nonfinite = torch.zeros((), device=device)
+
+    def add(self, parts: dict[str, torch.Tensor]) -> None:
+        for key, value in parts.items():
+            value = value.float()
+            self.sums[key] = self.sums.get(key, torch.zeros((), device=self.device)) + value
+        self.nonfinite += (~torch.isfinite(parts["loss"])).float()
+        self.count += 1
+
+    def flush(self, step: int, images_per_step: int) -> dict[str, float]:
+        elapsed = time.perf_counter() - self.started
+        values = {f"train/{k}": float(v) / max(self.count, 1) for k, v in self.sums.items()}
+        values["train/images_per_s"] = images_per_step * self.steps / max(elapsed, 1e-9)
+        values["train/data_wait_fraction"] = self.data_time / max(elapsed, 1e-9)
+        self.sums, self.count, self.steps, self.data_time = {}, 0, 0, 0.0
+        self.started = time.perf_counter()
+        return values
+
+
+def write_eval_outputs(result: EvalResult, out_dir: Path, meta: Any, step: int) -> None:
+    out_dir.mkdir(parents=True, exist_ok=True)
+    write_per_class_csv(
+        result,
+        out_dir / f"per_class_step{step:08d}.csv",
+        meta.train_counts,
+        meta.class_names,
+        meta.groups,
+    )
+    write_per_class_csv(
+        result, out_dir / "per_class_latest.csv", meta.train_counts, meta.class_names, meta.groups
+    )
+    payload = {"step": step, "metrics": result.metrics}
+    tmp = out_dir / ".latest.json.partial"
+    tmp.write_text(json.dumps(payload, indent=1))
+    tmp.replace(out_dir / "latest.json")
+    (out_dir / "table.txt").write_text(format_table(result) + "\n")
+
+
+def _mix_seed(seed: int, rank: int, step: int, micro: int) -> int:
+    # A 63-bit mix of the four integers: independent streams per rank, step and micro-step.
+    h = (
+        seed * 0x9E3779B97F4A7C15 + rank * 0xBF58476D1CE4E5B9 + step * 0x94D049BB133111EB + micro
+    ) & ((1 << 63) - 1)
+    h ^= h >> 31
+    return (h * 0xD6E8FEB86659FD93) & ((1 << 63) - 1)
