@@ -241,3 +241,27 @@ def test_nonfinite_loss_stops_naming_the_step(digits_lt, random_teacher, tmp_pat
     )
     assert out.returncode == 3, _fail(out)
     assert "non-finite loss" in out.stderr and "last good checkpoint" in out.stderr
+
+
+def test_resume_on_another_world_size_goes_through_a_universal_checkpoint(
+    digits_lt, random_teacher, tmp_path
+):
+    """2 processes train and checkpoint; 1 process with twice the accumulation (same global
+    batch) resumes from the converted universal checkpoint and finishes the run."""
+    run_dir = tmp_path / "reshaped"
+    first = launch(
+        tiny_overrides(
+            digits_lt,
+            random_teacher,
+            run_dir,
+            **{"train.max_steps": 4, "checkpoint.every_steps": 2},
+        ),
+        nproc=2,
+    )
+    assert first.returncode == 0, _fail(first)
+    second = launch(tiny_overrides(digits_lt, random_teacher, run_dir, **{"train.grad_accum": 2}))
+    assert second.returncode == 0, _fail(second)
+    assert "resumed from" in second.stdout and "universal_step_00000004" in second.stdout
+    steps = losses(second.stdout)
+    assert min(steps) == 5, "the resumed run continues after the converted step"
+    assert not (run_dir / "checkpoints" / "universal_step_00000004").exists(), "pruned once stale"

@@ -7,6 +7,8 @@ distillation -> eval table (CLS, DIST, mean; Overall/Head/Mid/Tail) -> export fo
 from __future__ import annotations
 
 import argparse
+import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -27,7 +29,6 @@ def register(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from deitlt_scale.commands.train import run_training
     from deitlt_scale.data import meta as meta_mod
     from deitlt_scale.data.prepare import prepare_dataset
     from deitlt_scale.errors import UserError
@@ -47,11 +48,10 @@ def run(args: argparse.Namespace) -> int:
     )
 
     _stage(2, "train the LDAM-DRW + SAM ResNet-32 teacher", teacher_run)
-    code = run_training(
-        RECIPES / "teacher_digits.yaml",
-        [f"data.shards={data}", f"runtime.run_dir={teacher_run}"],
-        task="teacher",
-    )
+    code = _deitlt(
+        "teacher", "train", RECIPES / "teacher_digits.yaml",
+        f"data.shards={data}", f"runtime.run_dir={teacher_run}",
+    )  # fmt: skip
     if code != 0:
         return code
 
@@ -63,7 +63,7 @@ def run(args: argparse.Namespace) -> int:
     ]
     if args.epochs is not None:
         overrides.append(f"train.epochs={args.epochs}")
-    code = run_training(RECIPES / "tiny_digits.yaml", overrides + list(args.overrides))
+    code = _deitlt("train", RECIPES / "tiny_digits.yaml", *overrides, *args.overrides)
     if code != 0:
         return code
 
@@ -98,6 +98,11 @@ def run(args: argparse.Namespace) -> int:
     ]:
         print(f"  {label:<14}{path}")
     return 0
+
+
+def _deitlt(*args: object) -> int:
+    """Each training stage is its own process, as a user would run it (one process group each)."""
+    return subprocess.run([sys.executable, "-m", "deitlt_scale.cli", *map(str, args)]).returncode
 
 
 def _stage(number: int, title: str, where: Path) -> None:

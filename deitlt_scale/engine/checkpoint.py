@@ -11,6 +11,8 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import subprocess
+import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -116,6 +118,32 @@ def prune(run_dir: str | Path, keep_last: int) -> None:
     for path in (Path(run_dir) / CHECKPOINTS).glob("step_*"):
         if not (path / COMPLETE).exists() and _tag_step(path.name) < newest:
             shutil.rmtree(path, ignore_errors=True)
+    for path in (Path(run_dir) / CHECKPOINTS).glob("universal_step_*"):
+        if _tag_step(path.name.removeprefix("universal_")) < newest:
+            shutil.rmtree(path, ignore_errors=True)
+
+
+def to_universal(ref: CheckpointRef, is_main: bool) -> CheckpointRef:
+    """Convert a ZeRO checkpoint to DeepSpeed's universal format (once), so that a run can
+    resume on another number of processes. Must run on every rank; rank 0 converts."""
+    out = ref.path.with_name(f"universal_{ref.tag}")
+    if is_main and not (out / COMPLETE).exists():
+        partial = out.with_name(out.name + ".partial")
+        shutil.rmtree(partial, ignore_errors=True)
+        cmd = [
+            sys.executable, "-m", "deepspeed.checkpoint.ds_to_universal",
+            "--input_folder", str(ref.path), "--output_folder", str(partial),
+            "--num_extract_workers", "1", "--num_merge_workers", "1",
+        ]  # fmt: skip
+        done = subprocess.run(cmd, capture_output=True, text=True, check=False)
+        if done.returncode != 0:
+            tail = " ".join(done.stderr.strip().splitlines()[-1:])
+            raise RuntimeError(f"converting {ref.path} to a universal checkpoint failed: {tail}")
+        shutil.copy(ref.path / COMPLETE, partial / COMPLETE)
+        shutil.rmtree(out, ignore_errors=True)
+        partial.replace(out)
+    barrier()
+    return CheckpointRef(out.name, out, ref.step, ref.epoch, ref.world_size)
 
 
 def load(engine: Any, ref: CheckpointRef) -> dict[str, Any]:

@@ -26,7 +26,6 @@ from deitlt_scale.data import meta as meta_mod
 from deitlt_scale.engine import checkpoint
 from deitlt_scale.engine.distributed import World, deepspeed_config
 from deitlt_scale.engine.evaluate import EvalResult, evaluate, format_table, write_per_class_csv
-from deitlt_scale.errors import UserError
 
 EXIT_REQUEUE = 75  # stopped by a signal after a complete checkpoint: requeue and resume
 EXIT_NONFINITE = 3
@@ -55,24 +54,33 @@ class TrainState:
 class Trainer:
     """Build with :meth:`build`, then :meth:`train`. Every method runs on every rank."""
 
-    def __init__(self, cfg: Config, world: World) -> None:
+    def __init__(self, cfg: Config, world: World, meta: meta_mod.DatasetMeta | None = None) -> None:
+        """``meta`` overrides reading ``cfg.data.shards/meta.json`` (benchmarks on synthetic data)."""
         self.cfg, self.world = cfg, world
+        self._given_meta = meta
         self.run_dir = Path(cfg.runtime.run_dir)
         self.task = cfg.train.task
         self.state = TrainState()
         self._stop_signal: int | None = None
-        self._flags_pending: torch.Tensor | None = None
+        self._flags_pending: tuple[torch.Tensor, Any] | None = None
 
     # ---------------------------------------------------------------- build
-    def build(self) -> Trainer:
+    def build(self, with_data: bool = True) -> Trainer:
+        """Build every part; ``with_data=False`` skips the DALI loaders (synthetic benchmarks)."""
         from deitlt_scale.engine import components
 
         cfg, world = self.cfg, self.world
-        self.meta = meta_mod.load(cfg.data.shards)
+        self.meta = self._given_meta or meta_mod.load(cfg.data.shards)
         self.num_classes = self.meta.num_classes
         self.steps = config_mod.resolve_steps(cfg, self.meta.num_samples("train"), world.world_size)
         self.peak_lr = components.peak_lr(cfg, world.world_size)
         self.ds_config = deepspeed_config(cfg, world.world_size)
+        self.resume_from = (
+            checkpoint.latest_checkpoint(self.run_dir) if cfg.checkpoint.resume else None
+        )
+        if self._resume_needs_universal():
+            # The newest checkpoint was written by another number of processes.
+            self.ds_config["checkpoint"] = {"load_universal": True}
         self.compute_dtype = torch.bfloat16 if cfg.deepspeed.bf16 else torch.float32
         self.teacher, self.teacher_info = components.build_teacher(cfg, self.meta, world.device)
         model = components.build_model(cfg, self.meta)
@@ -82,9 +90,11 @@ class Trainer:
         self.engine = components.build_engine(model, cfg, self.ds_config, self.peak_lr)
         self.objective = components.build_objective(cfg, self.meta, self.teacher_info, world.device)
         self.mixer = components.build_mixer(cfg, self.num_classes)
-        self.train_loader, self.eval_loader = components.build_loaders(
-            cfg, self.meta, self.steps, world
-        )
+        self.train_loader = self.eval_loader = None
+        if with_data:
+            self.train_loader, self.eval_loader = components.build_loaders(
+                cfg, self.meta, self.steps, world
+            )
         return self
 
     def describe(self) -> str:
@@ -236,11 +246,15 @@ class Trainer:
         window.nonfinite.zero_()
         if self.world.world_size > 1:
             torch.distributed.all_reduce(flags)
-        previous, self._flags_pending = self._flags_pending, flags.to("cpu", non_blocking=True)
+        previous = self._flags_pending
+        self._flags_pending = (flags.to("cpu", non_blocking=True), _record_event(flags.device))
         checks = [previous, self._flags_pending] if final else [previous]
-        for pending in checks:
-            if pending is None:
+        for entry in checks:
+            if entry is None:
                 continue
+            pending, copied = entry
+            if copied is not None:
+                copied.synchronize()  # long finished: it was queued a whole step ago
             if pending[0] > 0 and self.cfg.train.on_nonfinite == "stop":
                 last = checkpoint.latest_checkpoint(self.run_dir)
                 raise NonFiniteLoss(
@@ -314,6 +328,8 @@ class Trainer:
             "train_state": self.state.state_dict(),
             "config_hash": config_mod.config_hash(self.cfg),
             "world_size": self.world.world_size,
+            # Lets deepspeed.checkpoint.ds_to_universal convert it for another world size.
+            "universal_checkpoint_info": {"universal_checkpoint_version": 0.4},
         }
         checkpoint.save(
             self.engine,
@@ -327,15 +343,20 @@ class Trainer:
             keep_last=None if tag else self.cfg.checkpoint.keep_last,
         )
 
+    def _resume_needs_universal(self) -> bool:
+        ref = self.resume_from
+        return (
+            ref is not None
+            and ref.world_size != self.world.world_size
+            and self.cfg.deepspeed.zero_stage > 0  # ZeRO-0 optimizer state is not partitioned
+        )
+
     def _resume(self) -> None:
-        ref = checkpoint.latest_checkpoint(self.run_dir) if self.cfg.checkpoint.resume else None
+        ref = self.resume_from
         if ref is None:
             return
-        if ref.world_size and ref.world_size != self.world.world_size:
-            raise UserError(
-                f"checkpoint {ref.path} was written by {ref.world_size} processes, this run has "
-                f"{self.world.world_size}; convert it first: deitlt train --to-universal {self.run_dir}"
-            )
+        if self._resume_needs_universal():
+            ref = checkpoint.to_universal(ref, self.world.is_main)
         client = checkpoint.load(self.engine, ref)
         if client.get("config_hash") != config_mod.config_hash(self.cfg) and self.world.is_main:
             print(
@@ -411,6 +432,14 @@ def write_eval_outputs(result: EvalResult, out_dir: Path, meta: Any, step: int) 
     tmp.write_text(json.dumps(payload, indent=1))
     tmp.replace(out_dir / "latest.json")
     (out_dir / "table.txt").write_text(format_table(result) + "\n")
+
+
+def _record_event(device: torch.device) -> Any:
+    if device.type != "cuda":
+        return None  # a CPU copy is complete when .to() returns
+    event = torch.cuda.Event()
+    event.record()
+    return event
 
 
 def _mix_seed(seed: int, rank: int, step: int, micro: int) -> int:
