@@ -29,12 +29,12 @@ from typing import TYPE_CHECKING, Any, Literal
 
 import yaml
 
+from deitlt_scale.engine.checkpoint import COMPLETE, read_marker
 from deitlt_scale.errors import UserError
 
 if TYPE_CHECKING:
     import torch
 
-COMPLETE = "COMPLETE"
 STUDENT_FILE = "student.json"
 WEIGHTS_FILE = "model.safetensors"
 CONFIG_FILE = "config.json"
@@ -84,14 +84,7 @@ class ExportResult:
 
 
 def _read_complete(tag_dir: Path) -> dict[str, Any] | None:
-    marker = tag_dir / COMPLETE
-    if not marker.is_file():
-        return None
-    try:
-        data = json.loads(marker.read_text() or "{}")
-    except json.JSONDecodeError:
-        return None
-    return data if isinstance(data, dict) and isinstance(data.get("step"), int) else None
+    return read_marker(tag_dir / COMPLETE)
 
 
 def _ref(run_dir: Path | None, root: Path, tag: str) -> CheckpointRef:

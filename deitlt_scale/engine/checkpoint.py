@@ -43,7 +43,7 @@ def complete_checkpoints(run_dir: str | Path) -> list[CheckpointRef]:
     root = Path(run_dir) / CHECKPOINTS
     refs = []
     for marker in root.glob(f"step_*/{COMPLETE}"):
-        info = _read_marker(marker)
+        info = read_marker(marker)
         if info is not None:
             refs.append(
                 CheckpointRef(
@@ -67,7 +67,7 @@ def find_checkpoint(run_dir: str | Path, tag: str) -> CheckpointRef | None:
     if tag == "latest":
         return latest_checkpoint(run_dir)
     path = Path(run_dir) / CHECKPOINTS / tag
-    info = _read_marker(path / COMPLETE)
+    info = read_marker(path / COMPLETE)
     if info is None:
         return None
     return CheckpointRef(
@@ -163,11 +163,13 @@ def _tag_step(name: str) -> int:
         return -1
 
 
-def _read_marker(marker: Path) -> dict[str, Any] | None:
+def read_marker(marker: Path) -> dict[str, Any] | None:
+    """The COMPLETE marker's content, or None when absent or unreadable (= not complete)."""
     try:
-        return json.loads(marker.read_text())
+        data = json.loads(marker.read_text())
     except (OSError, json.JSONDecodeError):
         return None
+    return data if isinstance(data, dict) and isinstance(data.get("step"), int) else None
 
 
 def _fsync_file(path: Path) -> None:

@@ -168,7 +168,7 @@ class Trainer:
             # Keep every rank's collectives aligned: a zero-gradient backward from the
             # parameters alone (activations may hold NaN), so this micro-batch adds nothing.
             loss = sum(p.sum() for p in self.engine.module.parameters() if p.requires_grad) * 0.0
-            parts = {**parts, "skipped": torch.ones((), device=loss.device)}
+            parts = {"loss": loss.detach(), "skipped": torch.ones((), device=loss.device)}
         self.engine.backward(loss)
         if self.sam_rho > 0:
             self._sam_second_pass(images, targets, batch.labels, drw)
