@@ -7,6 +7,7 @@ distillation -> eval table (CLS, DIST, mean; Overall/Head/Mid/Tail) -> export fo
 from __future__ import annotations
 
 import argparse
+import shutil
 import subprocess
 import sys
 import time
@@ -22,6 +23,9 @@ def register(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument(
         "--epochs", type=int, default=None, help="student epochs (default: the recipe's)"
+    )
+    parser.add_argument(
+        "--teacher-epochs", type=int, default=None, help="teacher epochs (default: the recipe's)"
     )
     parser.add_argument(
         "overrides", nargs="*", help="dotted overrides for the student recipe, e.g. train.seed=1"
@@ -48,10 +52,12 @@ def run(args: argparse.Namespace) -> int:
     )
 
     _stage(2, "train the LDAM-DRW + SAM ResNet-32 teacher", teacher_run)
-    code = _deitlt(
-        "teacher", "train", RECIPES / "teacher_digits.yaml",
-        f"data.shards={data}", f"runtime.run_dir={teacher_run}",
-    )  # fmt: skip
+    teacher_overrides = [f"data.shards={data}", f"runtime.run_dir={teacher_run}"]
+    if args.teacher_epochs is not None:
+        # Shorter teacher runs keep the DRW phase: its last fifth.
+        drw = args.teacher_epochs - max(1, args.teacher_epochs // 5)
+        teacher_overrides += [f"train.epochs={args.teacher_epochs}", f"distill.drw_epoch={drw}"]
+    code = _deitlt("teacher", "train", RECIPES / "teacher_digits.yaml", *teacher_overrides)
     if code != 0:
         return code
 
@@ -62,7 +68,8 @@ def run(args: argparse.Namespace) -> int:
         f"teacher.path={teacher_run / 'teacher'}",
     ]
     if args.epochs is not None:
-        overrides.append(f"train.epochs={args.epochs}")
+        drw = args.epochs - max(1, args.epochs // 10)
+        overrides += [f"train.epochs={args.epochs}", f"distill.drw_epoch={drw}"]
     code = _deitlt("train", RECIPES / "tiny_digits.yaml", *overrides, *args.overrides)
     if code != 0:
         return code
@@ -75,6 +82,8 @@ def run(args: argparse.Namespace) -> int:
     _stage(5, "export for timm", out / "export")
     from deitlt_scale.export import export
 
+    # The demo owns its output folder: a re-run replaces the derived outputs (training resumes).
+    shutil.rmtree(out / "export", ignore_errors=True)
     export(student_run, out / "export")
 
     _stage(
@@ -83,7 +92,12 @@ def run(args: argparse.Namespace) -> int:
 
     from deitlt_scale.cli import main as cli_main
 
-    cli_main(["analyze", str(out / "export"), "--data", str(data), "--out", str(out / "analysis")])
+    shutil.rmtree(out / "analysis", ignore_errors=True)
+    code = cli_main(
+        ["analyze", str(out / "export"), "--data", str(data), "--out", str(out / "analysis")]
+    )
+    if code != 0:
+        return code
 
     minutes = (time.perf_counter() - started) / 60
     print(f"\ndemo finished in {minutes:.1f} min. Outputs:")
