@@ -1,17 +1,765 @@
-"""`deitlt bench step`."""
+"""`deitlt bench step`: images/s and MFU of the training step against the reference recipe.
+
+Two recipes train the same student with the same frozen teacher, batch, image size and data in
+one process:
+
+* **step**: the project's :class:`~deitlt_scale.engine.trainer.Trainer` exactly as `deitlt train`
+  builds it (DeepSpeed engine, bf16 on CUDA, ZeRO ``--zero``, ``torch.compile`` on CUDA, the teacher
+  in bf16 and channels_last, mixup on device, the one-step-late flag exchange), fed by the DALI
+  train loader (``--shards``) or by device-resident synthetic images (``--synthetic``).
+* **reference**: the original code's loop in plain torch: timm's eager distilled ViT, timm Mixup,
+  ``torch.autocast`` fp16 + ``GradScaler`` around student, teacher (fp32 weights, run in fp16 by
+  autocast) and loss, ``loss.item()`` every step (the finiteness check), torch AdamW; with
+  ``--shards`` the CPU-side timm augmentation of :mod:`deitlt_scale.data.reference`. On a CPU
+  fp16 autocast is used when it works, else bf16 (the line says which).
+
+The teacher has random weights (written to a temporary teacher file): throughput does not depend
+on them. Model FLOPs per image come from :mod:`deitlt_scale.benchmarks.flops` (student
+forward + backward = 3 forwards, teacher forward once); MFU divides the model FLOP rate by a
+matrix-rate ceiling measured in the same run (a large bf16 matmul on CUDA, fp32 on CPU). The first
+``--warmup`` steps of each recipe (compilation, autotuning, allocator growth) are not timed; then
+``--rounds`` rounds of ``--steps`` steps are, each from an idle device to an idle device. With
+synthetic data the two recipes alternate round by round, so a change in the machine's load
+affects both alike; the median round is reported. With ``--shards`` they run one after the other
+(a loader would keep prefetching while the other recipe runs). Figures print per recipe; the
+ratios print last.
+"""
 
 from __future__ import annotations
 
 import argparse
+import gc
+import math
+import statistics
 import sys
+import tempfile
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, NamedTuple
 
-HELP = "not available yet"
+HELP = "images/s, model FLOPs and MFU of the training step vs the reference recipe"
+
+TEACHERS = ("resnet50", "resnet32", "none")
+MODEL_KEYS = ("patch_size", "embed_dim", "depth", "num_heads", "drop_path", "distilled")
+SYNTHETIC_POOL = 2  # distinct device-resident batches, used in turn
+LOG_NEVER = 1 << 30  # train.log_every: no logging step (and so no host sync) while timing
 
 
 def register(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("rest", nargs=argparse.REMAINDER, help=argparse.SUPPRESS)
+    source = parser.add_mutually_exclusive_group(required=True)
+    source.add_argument(
+        "--synthetic",
+        action="store_true",
+        help="device-resident random images and labels (no DALI, no decoding)",
+    )
+    source.add_argument(
+        "--shards",
+        type=Path,
+        help="prepared dataset directory (meta.json): the step reads it through DALI, the "
+        "reference through the CPU-side timm loader",
+    )
+    parser.add_argument(
+        "--model",
+        default="deit_base_distilled_patch16_224",
+        help="student architecture (a timm DeiT name; default deit_base_distilled_patch16_224)",
+    )
+    parser.add_argument(
+        "--model-args",
+        nargs="*",
+        default=[],
+        metavar="KEY=VALUE",
+        help=f"student overrides, keys: {', '.join(MODEL_KEYS)} (e.g. patch_size=4 depth=4)",
+    )
+    parser.add_argument(
+        "--teacher",
+        choices=TEACHERS,
+        default="resnet50",
+        help="frozen teacher (random weights) run on every batch; none: no distillation",
+    )
+    parser.add_argument("--batch", type=int, default=128, help="images per step (default 128)")
+    parser.add_argument(
+        "--image-size", type=int, default=224, help="student and teacher input side in px (224)"
+    )
+    parser.add_argument(
+        "--classes",
+        type=int,
+        default=1000,
+        help="number of classes with --synthetic (default 1000; --shards uses the dataset's)",
+    )
+    parser.add_argument("--steps", type=int, default=10, help="timed steps per round (10)")
+    parser.add_argument(
+        "--rounds",
+        type=int,
+        default=3,
+        help="timed rounds per recipe; with --synthetic the two recipes alternate round by round "
+        "and the median round is reported (3)",
+    )
+    parser.add_argument(
+        "--warmup", type=int, default=5, help="untimed steps before timing, per recipe (5)"
+    )
+    parser.add_argument(
+        "--device",
+        choices=("cpu", "cuda"),
+        default=None,
+        help="where to train (default: cuda when available, else cpu)",
+    )
+    parser.add_argument(
+        "--compile",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="torch.compile the student of the step recipe (default: on for cuda, off for cpu)",
+    )
+    parser.add_argument(
+        "--bf16",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="DeepSpeed bf16 and a bf16 teacher in the step recipe (default: on for cuda, off "
+        "for cpu, whose bf16 is emulated)",
+    )
+    parser.add_argument(
+        "--zero", type=int, choices=(0, 1, 2, 3), default=1, help="DeepSpeed ZeRO stage (1)"
+    )
+    parser.add_argument(
+        "--reference-amp",
+        choices=("auto", "fp16", "bf16", "off"),
+        default="auto",
+        help="autocast of the reference recipe (auto: fp16 + GradScaler, on cpu bf16 when fp16 "
+        "autocast does not work there)",
+    )
+    parser.add_argument(
+        "--threads",
+        type=int,
+        default=8,
+        help="with --shards: DALI CPU threads and reference DataLoader workers (8)",
+    )
+
+
+class DeviceBatch(NamedTuple):
+    """What the trainer reads from a batch: normalised images (B, 3, H, W) and labels (B,)."""
+
+    images: Any
+    labels: Any
+
+
+@dataclass
+class Timing:
+    """One recipe's figures. ``round_rates`` are images/s of each timed round; the reported rate
+    is their median. ``peak_mib`` is CUDA allocator memory above what was held before the recipe
+    was built, or the process peak RSS on CPU (which covers everything run so far)."""
+
+    round_rates: list[float]
+    images_per_step: int
+    peak_mib: float
+    loss: float
+
+    @property
+    def images_per_s(self) -> float:
+        return statistics.median(self.round_rates)
+
+    @property
+    def seconds_per_step(self) -> float:
+        return self.images_per_step / self.images_per_s
+
+
+# --------------------------------------------------------------------------------------------
+# Set-up
+
+
+def synthetic_meta(num_classes: int, train_samples: int):
+    """An in-memory :class:`~deitlt_scale.data.meta.DatasetMeta` for ``num_classes`` classes with
+    a long-tailed count profile (ImageNet-LT-like, 1280 down to 5) and ``train_samples`` images
+    per epoch; it names no shards (for ``Trainer(..., meta=...).build(with_data=False)``)."""
+    from deitlt_scale.data.longtail import (
+        groups_by_count,
+        groups_by_index,
+        lt_counts,
+        paper_boundaries,
+    )
+    from deitlt_scale.data.meta import DatasetMeta
+
+    counts = [max(1, n) for n in lt_counts(1280, num_classes, 256.0)]
+    boundaries = paper_boundaries("synthetic", counts)
+    return DatasetMeta(
+        dataset="synthetic",
+        num_classes=num_classes,
+        train_counts=counts,
+        eval_counts=[1] * num_classes,
+        class_map=list(range(num_classes)),
+        class_names=[""] * num_classes,
+        groups={
+            "paper": groups_by_index(num_classes, boundaries),
+            "count": groups_by_count(counts),
+        },
+        boundaries=boundaries,
+        imbalance_factor=counts[0] / counts[-1],
+        splits={
+            "train": {"num_samples": train_samples, "shards": []},
+            "eval": {"num_samples": num_classes, "shards": []},
+        },
+    )
+
+
+def write_random_teacher(directory: Path, arch: str, num_classes: int, input_size: int) -> Path:
+    """A teacher file (seeded random weights) that the trainer loads like a real one."""
+    import torch
+
+    from deitlt_scale.models.teacher_file import TeacherInfo, save_teacher
+    from deitlt_scale.models.teachers import create_teacher_arch
+
+    torch.manual_seed(0)
+    model = create_teacher_arch(arch, num_classes)
+    info = TeacherInfo(arch, num_classes, input_size, label_space="model", source="random")
+    return save_teacher(directory, model, info)
+
+
+def model_overrides(pairs: list[str]) -> list[str]:
+    """``["patch_size=4", ...]`` -> ``["model.patch_size=4", ...]``; unknown keys are a UserError."""
+    from deitlt_scale.errors import UserError
+
+    out = []
+    for pair in pairs:
+        key, sep, value = pair.partition("=")
+        if not sep or key not in MODEL_KEYS:
+            raise UserError(
+                f"--model-args {pair!r} must be KEY=VALUE with KEY one of {', '.join(MODEL_KEYS)}"
+            )
+        out.append(f"model.{key}={value}")
+    return out
+
+
+def bench_config(
+    args: argparse.Namespace,
+    *,
+    device: str,
+    bf16: bool,
+    compile_student: bool,
+    teacher_dir: Path | None,
+    run_dir: Path,
+):
+    """The Config the step recipe trains with: the paper's objective and mixup, no logging step,
+    no checkpoints, no tracking."""
+    from deitlt_scale import config as config_mod
+
+    overrides = [
+        f"model.arch={args.model}",
+        *model_overrides(args.model_args),
+        f"model.compile={str(compile_student).lower()}",
+        f"data.image_size={args.image_size}",
+        f"data.device={'gpu' if device == 'cuda' else 'cpu'}",
+        f"data.num_threads={args.threads}",
+        f"teacher.path={teacher_dir or ''}",
+        f"teacher.dtype={'bf16' if bf16 else 'fp32'}",
+        f"distill.type={'hard' if teacher_dir else 'none'}",
+        "train.epochs=1",
+        f"train.micro_batch={args.batch}",
+        "train.grad_accum=1",
+        f"train.log_every={LOG_NEVER}",
+        f"train.max_steps={args.warmup + args.steps * args.rounds}",
+        "schedule.warmup_epochs=0",
+        f"deepspeed.zero_stage={args.zero}",
+        f"deepspeed.bf16={str(bf16).lower()}",
+        "checkpoint.resume=false",
+        "tracking.enabled=false",
+        f"runtime.run_dir={run_dir}",
+        f"runtime.device={device}",
+    ]
+    if args.shards is not None:
+        overrides.append(f"data.shards={args.shards}")
+    return config_mod.load(None, overrides)
+
+
+# --------------------------------------------------------------------------------------------
+# Measurement helpers
+
+
+def _sync(device) -> None:
+    import torch
+
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+class MatmulCeiling:
+    """The matrix-rate ceiling: FLOP/s of a large square matmul on the device (bf16 8192^3 on
+    CUDA, fp32 1024^3 on CPU). :meth:`sample` is called before and between the timed rounds and
+    the best rate seen is kept, so a moment of contention on a shared machine does not lower it."""
+
+    def __init__(self, device) -> None:
+        import torch
+
+        self.device = device
+        if device.type == "cuda":
+            n, dtype, self.reps = 8192, torch.bfloat16, 10
+        else:
+            n, dtype, self.reps = 1024, torch.float32, 3
+        self.n = n
+        self.a = torch.randn(n, n, device=device, dtype=dtype)
+        self.b = torch.randn(n, n, device=device, dtype=dtype)
+        self.best = 0.0
+        kind = "bf16" if dtype == torch.bfloat16 else "fp32"
+        threads = "" if device.type == "cuda" else f", {torch.get_num_threads()} threads"
+        self.description = (
+            f"{kind} {n}x{n}x{n} matmul on {device.type}{threads}, best of the samples taken "
+            "before and between the timed rounds"
+        )
+        for _ in range(2):  # kernel selection, clocks
+            torch.mm(self.a, self.b)
+
+    def sample(self, rounds: int = 1) -> float:
+        import torch
+
+        for _ in range(rounds):
+            _sync(self.device)
+            start = time.perf_counter()
+            for _ in range(self.reps):
+                torch.mm(self.a, self.b)
+            _sync(self.device)
+            seconds = (time.perf_counter() - start) / self.reps
+            self.best = max(self.best, 2.0 * self.n**3 / seconds)
+        return self.best
+
+
+class _Memory:
+    """Peak memory of one recipe (see :class:`Timing`)."""
+
+    def __init__(self, device) -> None:
+        import torch
+
+        self.device = device
+        self.base = 0
+        if device.type == "cuda":
+            gc.collect()
+            torch.cuda.empty_cache()
+            torch.cuda.reset_peak_memory_stats(device)
+            self.base = torch.cuda.memory_allocated(device)
+
+    def peak_mib(self) -> float:
+        import resource
+
+        import torch
+
+        if self.device.type == "cuda":
+            return (torch.cuda.max_memory_allocated(self.device) - self.base) / 2**20
+        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
+
+
+def memory_kind(device) -> str:
+    if device.type == "cuda":
+        return "CUDA allocator peak above what was held before the recipe"
+    return "process peak RSS so far"
+
+
+def synthetic_batches(
+    batch: int, image_size: int, num_classes: int, device
+) -> Iterator[DeviceBatch]:
+    """Endless batches from a pool of :data:`SYNTHETIC_POOL` device-resident random batches."""
+    import torch
+
+    gen = torch.Generator(device="cpu").manual_seed(0)
+    pool = [
+        DeviceBatch(
+            torch.randn(batch, 3, image_size, image_size, generator=gen).to(device),
+            torch.randint(0, num_classes, (batch,), generator=gen).to(device),
+        )
+        for _ in range(SYNTHETIC_POOL)
+    ]
+    i = 0
+    while True:
+        yield pool[i % len(pool)]
+        i += 1
+
+
+def _progress(total: int, desc: str):
+    from tqdm import tqdm
+
+    return tqdm(range(total), desc=desc, file=sys.stderr, leave=False)
+
+
+# --------------------------------------------------------------------------------------------
+# The two recipes: each runs optimizer steps on demand, so their timed rounds can alternate.
+
+
+class StepRecipe:
+    """The project's training step: :class:`~deitlt_scale.engine.trainer.Trainer` steps as its
+    loop runs them (lr set, micro-steps, the one-step-late flag exchange), minus logging."""
+
+    name = "step"
+
+    def __init__(self, trainer, batches: Iterator[Any]) -> None:
+        from deitlt_scale.engine.trainer import _Window
+
+        self.trainer, self.batches = trainer, batches
+        self.window = _Window(trainer.world.device)
+        self.step = 0
+        self.images_per_step = trainer.cfg.train.micro_batch * trainer.cfg.train.grad_accum
+
+    def run(self, steps: int) -> None:
+        trainer = self.trainer
+        for _ in range(steps):
+            trainer._set_lr(self.step)
+            for micro in range(trainer.cfg.train.grad_accum):
+                batch = next(self.batches)
+                self.window.add(trainer.train_micro_step(batch, self.step, micro))
+            self.step += 1
+            trainer.state.step = self.step
+            trainer._check_flags(self.window)
+
+    def mean_loss(self) -> float:
+        """Mean loss of the steps run (reads the device: call after timing)."""
+        self.trainer._check_flags(self.window, final=True)  # a non-finite loss raises here
+        return float(self.window.sums["loss"]) / max(self.window.count, 1)
+
+
+def reference_amp_dtype(request: str, device):
+    """The autocast dtype of the reference recipe (None: off) and its description."""
+    import torch
+
+    if request == "off":
+        return None, "no autocast (fp32)"
+    if request == "bf16":
+        return torch.bfloat16, "bf16 autocast"
+    if request == "fp16" or device.type == "cuda" or _cpu_fp16_autocast_works():
+        return torch.float16, "fp16 autocast + GradScaler"
+    return torch.bfloat16, "bf16 autocast (fp16 autocast does not work on this CPU)"
+
+
+def _cpu_fp16_autocast_works() -> bool:
+    import torch
+
+    try:
+        layer = torch.nn.Linear(8, 8)
+        scaler = torch.amp.GradScaler("cpu")
+        optimizer = torch.optim.SGD(layer.parameters(), lr=0.1)
+        with torch.autocast("cpu", dtype=torch.float16):
+            out = layer(torch.randn(4, 8)).float().sum()
+        scaler.scale(out).backward()
+        scaler.step(optimizer)
+        scaler.update()
+        return True
+    except (RuntimeError, NotImplementedError):
+        return False
+
+
+class ReferenceRecipe:
+    """The original code's training step in plain torch (see the module docstring): timm's eager
+    distilled ViT, timm Mixup, autocast around student, teacher and loss, GradScaler, torch AdamW,
+    and ``loss.item()`` every step for its finiteness check."""
+
+    name = "reference"
+
+    def __init__(
+        self,
+        cfg,
+        num_classes: int,
+        teacher_dir: Path | None,
+        batches: Iterator[Any],
+        device,
+        amp_dtype,
+    ) -> None:
+        import timm
+        import torch
+        from timm.data import Mixup
+        from timm.loss import SoftTargetCrossEntropy
+
+        from deitlt_scale.models.student import student_spec
+        from deitlt_scale.models.teacher_file import load_teacher
+        from deitlt_scale.optim import param_groups, peak_lr
+
+        if device.type == "cuda":
+            torch.backends.cudnn.benchmark = True  # as the original code
+        name, kwargs = student_spec(cfg.model, num_classes, cfg.data.image_size)
+        torch.manual_seed(0)
+        self.student = timm.create_model(name, **kwargs).to(device).train()
+        self.distilled = cfg.model.distilled
+        if self.distilled:
+            self.student.set_distilled_training(True)  # training forward gives (cls, dist)
+        self.teacher = None
+        if teacher_dir is not None:
+            self.teacher, _ = load_teacher(teacher_dir, device, torch.float32, channels_last=False)
+        self.optimizer = torch.optim.AdamW(
+            param_groups(self.student, cfg.optim.weight_decay),
+            lr=peak_lr(cfg.optim, cfg.train.micro_batch, 1),
+            betas=cfg.optim.betas,
+            eps=cfg.optim.eps,
+        )
+        self.scaler = torch.amp.GradScaler(device.type, enabled=amp_dtype == torch.float16)
+        m = cfg.data.mixup
+        self.mixup = Mixup(
+            mixup_alpha=m.mixup_alpha,
+            cutmix_alpha=m.cutmix_alpha,
+            prob=m.prob,
+            switch_prob=m.switch_prob,
+            mode="batch",
+            label_smoothing=m.label_smoothing,
+            num_classes=num_classes,
+        )
+        self.soft_ce = SoftTargetCrossEntropy()
+        self.alpha = cfg.distill.alpha
+        self.device, self.amp_dtype, self.batches = device, amp_dtype, batches
+        self.images_per_step = cfg.train.micro_batch
+        self.losses: list[float] = []
+
+    def run(self, steps: int) -> None:
+        import torch
+        import torch.nn.functional as F
+
+        for _ in range(steps):
+            batch = next(self.batches)
+            images, targets = self.mixup(batch.images, batch.labels)
+            with torch.autocast(
+                self.device.type,
+                dtype=self.amp_dtype or torch.float32,
+                enabled=bool(self.amp_dtype),
+            ):
+                out = self.student(images)
+                cls_logits, dist_logits = out if self.distilled else (out, None)
+                loss = self.soft_ce(cls_logits, targets)
+                if self.teacher is not None:
+                    with torch.no_grad():
+                        teacher_labels = self.teacher(images).argmax(dim=1)
+                    dist = F.cross_entropy(dist_logits, teacher_labels)
+                    loss = loss * (1 - self.alpha) + dist * self.alpha
+            value = loss.item()  # the original's per-step finiteness check (a host sync)
+            if not math.isfinite(value):
+                raise RuntimeError("reference recipe: non-finite loss")
+            self.losses.append(value)
+            self.optimizer.zero_grad()
+            self.scaler.scale(loss).backward()
+            self.scaler.step(self.optimizer)
+            self.scaler.update()
+
+    def mean_loss(self) -> float:
+        return sum(self.losses) / max(len(self.losses), 1)
+
+
+def time_rounds(recipe, steps: int, device) -> float:
+    """Seconds for ``steps`` optimizer steps of ``recipe``, from an idle device to an idle one."""
+    _sync(device)
+    start = time.perf_counter()
+    recipe.run(steps)
+    _sync(device)
+    return time.perf_counter() - start
+
+
+# --------------------------------------------------------------------------------------------
+# Command
+
+
+def _check_args(args: argparse.Namespace) -> None:
+    from deitlt_scale.errors import UserError
+
+    for flag in ("batch", "steps", "rounds", "image_size", "classes", "threads"):
+        if getattr(args, flag) < 1:
+            raise UserError(f"--{flag.replace('_', '-')} must be >= 1")
+    if args.warmup < 1:
+        raise UserError("--warmup must be >= 1 (the first step builds caches and compiles)")
+    if args.batch % 2:
+        raise UserError(f"--batch must be even (mixup pairs sample i with B-1-i), got {args.batch}")
+    if args.shards is not None and not (args.shards / "meta.json").is_file():
+        raise UserError(f"--shards {args.shards} holds no meta.json; prepare it with deitlt data")
+    model_overrides(args.model_args)  # a bad KEY=VALUE fails before anything is built
+
+
+def _describe_student(trainer) -> str:
+    spec = trainer.model_spec["model_args"]
+    module = trainer.engine.module
+    module = getattr(module, "_orig_mod", module)
+    fused = all(getattr(b.attn, "fused_attn", False) for b in module.blocks)
+    return (
+        f"student: {trainer.model_spec['architecture']} (patch {spec['patch_size']}, width "
+        f"{spec['embed_dim']}, depth {spec['depth']}, heads {spec['num_heads']}), attention "
+        f"{'fused scaled_dot_product_attention' if fused else 'explicit softmax (not fused)'}"
+    )
+
+
+def _figures(name: str, t: Timing, flops_per_image: int, ceiling: float, device, how: str) -> str:
+    from deitlt_scale.benchmarks.flops import format_flops
+
+    rate = t.images_per_s * flops_per_image
+    rounds = ", ".join(f"{r:.1f}" for r in t.round_rates)
+    return (
+        f"{name}: {t.images_per_s:.1f} images/s, {t.seconds_per_step * 1e3:.2f} ms/step, "
+        f"{format_flops(rate)}/s model, MFU {100 * rate / ceiling:.2f}%, peak memory "
+        f"{t.peak_mib:.0f} MiB ({memory_kind(device)}), loss {t.loss:.4g} [{how}]; "
+        f"rounds {rounds} images/s"
+    )
+
+
+def _warm_up(recipe, steps: int, device, memory: _Memory) -> float:
+    """Run the untimed steps (compilation, autotuning, allocator growth); the peak memory (MiB)
+    they reached, which is the recipe's steady-state peak."""
+    for _ in _progress(steps, f"{recipe.name} warm-up"):
+        recipe.run(1)
+    _sync(device)
+    return memory.peak_mib()
 
 
 def run(args: argparse.Namespace) -> int:
-    print("deitlt bench step: not available yet", file=sys.stderr)
-    return 2
+    import torch
+
+    from deitlt_scale.engine.distributed import init_distributed
+    from deitlt_scale.errors import UserError
+
+    _check_args(args)
+    if args.device == "cuda" and not torch.cuda.is_available():
+        raise UserError("--device cuda but CUDA is not available; use --device cpu")
+    device_name = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    was_initialised = torch.distributed.is_initialized()
+    world = init_distributed(device_name)
+    try:
+        if world.world_size != 1:
+            raise UserError("deitlt bench step runs as one process; start it without torchrun/srun")
+        with tempfile.TemporaryDirectory(prefix="deitlt-bench-step-") as tmp:
+            _bench(args, world, Path(tmp))
+    finally:
+        if not was_initialised and torch.distributed.is_initialized():
+            torch.distributed.destroy_process_group()
+    return 0
+
+
+def _bench(args: argparse.Namespace, world, tmp: Path) -> None:
+    import torch
+
+    from deitlt_scale.benchmarks.flops import (
+        TrainingFlops,
+        format_flops,
+        student_forward_flops,
+        teacher_forward_flops,
+    )
+    from deitlt_scale.data import meta as meta_io
+    from deitlt_scale.engine.trainer import Trainer
+
+    device = world.device
+    on_cuda = device.type == "cuda"
+    bf16 = on_cuda if args.bf16 is None else args.bf16
+    compile_student = on_cuda if args.compile is None else args.compile
+    if args.shards is not None:
+        meta = meta_io.load(args.shards)
+    else:
+        meta = synthetic_meta(args.classes, args.batch * (args.warmup + args.steps * args.rounds))
+    num_classes = meta.num_classes
+    teacher_dir = None
+    if args.teacher != "none":
+        teacher_dir = write_random_teacher(
+            tmp / "teacher", args.teacher, num_classes, args.image_size
+        )
+    cfg = bench_config(
+        args,
+        device=device.type,
+        bf16=bf16,
+        compile_student=compile_student,
+        teacher_dir=teacher_dir,
+        run_dir=tmp / "run",
+    )
+    flops = TrainingFlops(
+        student_forward_flops(cfg.model, num_classes, args.image_size),
+        teacher_forward_flops(args.teacher, num_classes, args.image_size) if teacher_dir else 0,
+    )
+    # Loaders keep prefetching while the other recipe runs, so with real data the recipes run
+    # one after the other; synthetic batches allow alternating rounds (fair under varying load).
+    alternate = args.shards is None
+    hardware = (
+        f"cuda ({torch.cuda.get_device_name(device)})"
+        if on_cuda
+        else f"cpu ({torch.get_num_threads()} threads)"
+    )
+    source = (
+        f"shards {args.shards} (DALI {cfg.data.device} for the step, CPU-side timm DataLoader "
+        f"with {args.threads} workers for the reference)"
+        if args.shards
+        else "synthetic (device-resident random images)"
+    )
+    order = "alternating" if alternate else "one recipe after the other"
+    print(
+        f"setup: device {hardware}, torch {torch.__version__}; data {source}; batch {args.batch}, "
+        f"{args.image_size} px, {num_classes} classes; {args.warmup} warm-up steps, then "
+        f"{args.rounds} timed rounds of {args.steps} steps per recipe, {order}",
+        flush=True,
+    )
+    print(
+        f"model FLOPs per image: {format_flops(flops.total)} ({flops.total}) = student "
+        f"3 x {format_flops(flops.student_forward)} (forward + backward) + teacher "
+        f"{format_flops(flops.teacher_forward)} (forward only, {args.teacher})",
+        flush=True,
+    )
+    ceiling = MatmulCeiling(device)
+    ceiling.sample(rounds=3)
+
+    def step_batches() -> Iterator[Any]:
+        return synthetic_batches(args.batch, args.image_size, num_classes, device)
+
+    # The step recipe: the real Trainer, built as `deitlt train` builds it.
+    memory = _Memory(device)
+    trainer = Trainer(cfg, world, meta=meta).build(with_data=args.shards is not None)
+    print(_describe_student(trainer), flush=True)
+    step = StepRecipe(trainer, _epochs(trainer.train_loader) if args.shards else step_batches())
+    step_peak = _warm_up(step, args.warmup, device, memory)
+    step_rates: list[float] = []
+    if not alternate:
+        step_rates = _timed(step, args.rounds, args.steps, device, ceiling)
+        step_loss = step.mean_loss()
+        del step, trainer
+        gc.collect()
+
+    # The reference recipe.
+    amp_dtype, amp_how = reference_amp_dtype(args.reference_amp, device)
+    memory = _Memory(device)
+    if args.shards is not None:
+        from deitlt_scale.data.reference import ReferenceLoader
+
+        tars = [tar for tar, _ in meta.shard_files("train")]
+        workers = min(args.threads, len(tars))
+        ref_batches = iter(ReferenceLoader(tars, cfg.data, args.batch, workers, device=device))
+    else:
+        ref_batches = step_batches()
+    reference = ReferenceRecipe(cfg, num_classes, teacher_dir, ref_batches, device, amp_dtype)
+    ref_peak = _warm_up(reference, args.warmup, device, memory)
+    if alternate:
+        ref_rates: list[float] = []
+        for _ in _progress(args.rounds, "timed rounds"):
+            step_rates += _timed(step, 1, args.steps, device, ceiling)
+            ref_rates += _timed(reference, 1, args.steps, device, ceiling)
+        step_loss = step.mean_loss()
+    else:
+        ref_rates = _timed(reference, args.rounds, args.steps, device, ceiling)
+
+    print(f"matmul ceiling: {format_flops(ceiling.best)}/s ({ceiling.description})", flush=True)
+    step_time = Timing(step_rates, args.batch, step_peak, step_loss)
+    ref_time = Timing(ref_rates, args.batch, ref_peak, reference.mean_loss())
+    precision = "bf16" if bf16 else "fp32"
+    teacher_how = f"teacher {precision} channels_last" if teacher_dir else "no teacher"
+    step_how = (
+        f"DeepSpeed ZeRO {args.zero}, {precision}, "
+        f"{'compiled' if compile_student else 'eager'} student, {teacher_how}"
+    )
+    ref_teacher = "no teacher"
+    if teacher_dir:
+        ref_teacher = "teacher fp32 weights" + (" under the same autocast" if amp_dtype else "")
+    ref_how = f"eager student, {amp_how}, {ref_teacher}, torch AdamW, loss.item() every step"
+    print(_figures("step", step_time, flops.total, ceiling.best, device, step_how))
+    print(_figures("reference", ref_time, flops.total, ceiling.best, device, ref_how))
+    step_mfu = 100 * step_time.images_per_s * flops.total / ceiling.best
+    ref_mfu = 100 * ref_time.images_per_s * flops.total / ceiling.best
+    print(f"ratio step/reference images/s: {step_time.images_per_s / ref_time.images_per_s:.2f}x")
+    print(f"ratio step/ceiling (MFU): {step_mfu:.2f}%")
+    print(f"ratio reference/ceiling (MFU): {ref_mfu:.2f}%", flush=True)
+
+
+def _timed(recipe, rounds: int, steps: int, device, ceiling: MatmulCeiling) -> list[float]:
+    """Images/s of each of ``rounds`` timed rounds of ``steps`` optimizer steps; the ceiling is
+    sampled after each round."""
+    rates = []
+    for _ in range(rounds):
+        rates.append(steps * recipe.images_per_step / time_rounds(recipe, steps, device))
+        ceiling.sample()
+    return rates
+
+
+def _epochs(loader) -> Iterator[Any]:
+    """The DALI train loader's batches, epoch after epoch."""
+    epoch = 0
+    while True:
+        yield from loader.epoch(epoch)
+        epoch += 1

@@ -1,0 +1,150 @@
+"""Helpers of scripts/gpu_check.sh (run with the GPU check's venv python).
+
+    python scripts/gpu_check.py env             # versions and the features the step relies on
+    python scripts/gpu_check.py select-tests    # test files with `gpu` tests that can import here
+    python scripts/gpu_check.py summary LOG     # the step benchmarks of a gpu_check log as a table
+
+``select-tests`` imports every test module that has a ``@pytest.mark.gpu`` test; a module whose
+imports fail (DALI, webdataset and mlflow are not on the GPU machine) is left out, and the reason
+is printed on stderr, so pytest never sees a collection error. The selected paths go to stdout.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import re
+import sys
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parent.parent
+# DeiT-B/16 + ResNet-50 teacher at 224 px on one H100 (the project goal).
+GOALS = {"step images/s": 3000.0, "step MFU %": 40.0, "x reference": 2.5}
+
+
+def cmd_env() -> int:
+    import torch
+
+    print(f"python {sys.version.split()[0]}, torch {torch.__version__}, CUDA {torch.version.cuda}")
+    if not torch.cuda.is_available():
+        print("CUDA is not available: this is not a GPU machine")
+        return 1
+    print(f"device: {torch.cuda.get_device_name(0)}, bf16 {torch.cuda.is_bf16_supported()}")
+    for name in ("timm", "torchvision", "triton", "deepspeed", "deitlt_scale"):
+        try:
+            module = __import__(name)
+            print(f"{name} {getattr(module, '__version__', '?')}")
+        except ImportError as err:
+            print(f"{name}: NOT importable ({err})")
+            return 1
+    from timm.layers import use_fused_attn
+
+    print(f"timm fused attention (scaled_dot_product_attention): {use_fused_attn()}")
+    for name in ("nvidia.dali", "webdataset", "mlflow"):
+        found = importlib.util.find_spec(name.split(".")[0]) is not None
+        print(f"{name}: {'present' if found else 'absent (tests that need it are left out)'}")
+    return 0
+
+
+def gpu_test_files() -> list[Path]:
+    return sorted(
+        p for p in (REPO / "tests").glob("test_*.py") if "pytest.mark.gpu" in p.read_text()
+    )
+
+
+def cmd_select_tests() -> int:
+    sys.path.insert(0, str(REPO / "tests"))  # conftest-style helpers imported by test modules
+    selected = []
+    for path in gpu_test_files():
+        name = f"_gpu_check_{path.stem}"
+        spec = importlib.util.spec_from_file_location(name, path)
+        module = importlib.util.module_from_spec(spec)
+        sys.modules[name] = module  # dataclasses and pytest look modules up by name
+        try:
+            spec.loader.exec_module(module)
+        except ImportError as err:
+            missing = getattr(err, "name", None) or str(err)
+            print(
+                f"left out {path.relative_to(REPO)}: importing it needs {missing}, which is not "
+                "installed on this machine (no DALI here: its wheel is too large to carry)",
+                file=sys.stderr,
+            )
+            continue
+        finally:
+            sys.modules.pop(name, None)
+        selected.append(str(path.relative_to(REPO)))
+    print(" ".join(selected))
+    return 0
+
+
+STEP_LINE = re.compile(
+    r"^(step|reference): ([0-9.]+) images/s, .*MFU ([0-9.]+)%, peak memory (\d+)"
+)
+RATIO_LINE = re.compile(r"^ratio step/reference images/s: ([0-9.]+)x")
+SECTION = re.compile(r"^== (.+?) \(limit \d+s\)")
+
+
+def parse_benchmarks(text: str) -> dict[str, dict[str, float]]:
+    """``{section name: {"step images/s", "step MFU %", ...}}`` for every bench section."""
+    results: dict[str, dict[str, float]] = {}
+    section = None
+    for line in text.splitlines():
+        head = SECTION.match(line)
+        if head:
+            section = head.group(1)
+            continue
+        if section is None:
+            continue
+        step = STEP_LINE.match(line)
+        if step:
+            name, rate, mfu, peak = step.groups()
+            figures = results.setdefault(section, {})
+            figures[f"{name} images/s"] = float(rate)
+            figures[f"{name} MFU %"] = float(mfu)
+            figures[f"{name} peak MiB"] = float(peak)
+        ratio = RATIO_LINE.match(line)
+        if ratio:
+            results.setdefault(section, {})["x reference"] = float(ratio.group(1))
+    return results
+
+
+def cmd_summary(log: Path) -> int:
+    results = parse_benchmarks(log.read_text(errors="replace"))
+    if not results:
+        print("no benchmark figures in the log")
+        return 1
+    columns = ("step images/s", "reference images/s", "x reference", "step MFU %", "step peak MiB")
+    print(f"{'benchmark':44s} " + " ".join(f"{c:>18s}" for c in columns))
+    for section, figures in results.items():
+        cells = " ".join(f"{figures.get(c, float('nan')):18.2f}" for c in columns)
+        print(f"{section[:44]:44s} {cells}")
+    base = next((f for s, f in results.items() if "DeiT-B" in s), None)
+    if base is None:
+        print("goal: no DeiT-B figures (the DeiT-B benchmark did not finish)")
+        return 1
+    met = True
+    for key, goal in GOALS.items():
+        value = base.get(key)
+        ok = value is not None and value >= goal
+        met &= ok
+        print(f"goal DeiT-B {key} >= {goal:g}: {'met' if ok else 'NOT met'} ({value})")
+    return 0 if met else 3
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    sub = parser.add_subparsers(dest="command", required=True)
+    sub.add_parser("env", help="versions and the features the step relies on")
+    sub.add_parser("select-tests", help="test files with gpu tests that import here")
+    summary = sub.add_parser("summary", help="the step benchmarks of a gpu_check log")
+    summary.add_argument("log", type=Path, help="the gpu_check log file")
+    args = parser.parse_args()
+    if args.command == "env":
+        return cmd_env()
+    if args.command == "select-tests":
+        return cmd_select_tests()
+    return cmd_summary(args.log)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

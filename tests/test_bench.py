@@ -1,0 +1,149 @@
+"""`deitlt bench step` and the model-FLOP counts it reports.
+
+The benchmark runs for real (DeepSpeed engine, frozen teacher, reference loop) on CPU with a tiny
+student for two steps; the tests check that every figure and ratio is printed, parses and is
+positive, and that the FLOPs per image equal a count made independently by torch's
+``FlopCounterMode`` on real forward passes. No timing is asserted.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from torch.nn.attention import SDPBackend, sdpa_kernel
+from torch.utils.flop_counter import FlopCounterMode
+
+from deitlt_scale.benchmarks.flops import (
+    student_forward_flops,
+    teacher_forward_flops,
+    vit_forward_flops,
+)
+from deitlt_scale.config import ModelConfig
+
+REPO = Path(__file__).resolve().parent.parent
+TINY = {"patch_size": 8, "embed_dim": 48, "depth": 2, "num_heads": 2}
+TINY_ARCH = "deit_tiny_distilled_patch16_224"
+NUMBER = r"([0-9]+(?:\.[0-9]+)?)"
+
+
+def counted_forward_flops(model: torch.nn.Module, image_size: int) -> int:
+    """FLOPs of one real forward as torch's FlopCounterMode counts them (matmuls, convolutions;
+    attention through the math kernel, whose two batched matmuls it counts)."""
+    model.eval()
+    with torch.no_grad(), sdpa_kernel(SDPBackend.MATH), FlopCounterMode(display=False) as counter:
+        out = model(torch.randn(1, 3, image_size, image_size))
+    assert torch.isfinite(out).all()
+    return counter.get_total_flops()
+
+
+def tiny_student_flops_by_counting(num_classes: int, image_size: int) -> int:
+    from deitlt_scale.models.student import create_student
+
+    cfg = ModelConfig(arch=TINY_ARCH, **TINY)
+    return counted_forward_flops(create_student(cfg, num_classes, image_size), image_size)
+
+
+def teacher_flops_by_counting(arch: str, num_classes: int, image_size: int) -> int:
+    from deitlt_scale.models.teachers import create_teacher_arch
+
+    return counted_forward_flops(create_teacher_arch(arch, num_classes), image_size)
+
+
+# --------------------------------------------------------------------------------------------
+# FLOP counts
+
+
+def test_student_flops_formula_equals_a_counted_forward():
+    cfg = ModelConfig(arch=TINY_ARCH, **TINY)
+    assert student_forward_flops(cfg, 10, 32) == tiny_student_flops_by_counting(10, 32)
+
+
+@pytest.mark.parametrize("normed", [False, True])
+def test_teacher_flops_walk_equals_a_counted_forward(normed):
+    from deitlt_scale.models.teachers import create_teacher_arch
+
+    model = create_teacher_arch("resnet32", 10, normed=normed)
+    assert teacher_forward_flops("resnet32", 10, 32, normed=normed) == counted_forward_flops(
+        model, 32
+    )
+
+
+def test_deit_base_and_resnet50_flops_match_their_published_multiply_adds():
+    # DeiT-B/16 (distilled: one more token): 17.6 GMACs; ResNet-50: 4.1 GMACs (both at 224 px).
+    deit_b = student_forward_flops(ModelConfig(), 1000, 224)
+    assert deit_b / 2 == pytest.approx(17.6e9, rel=0.01)
+    assert teacher_forward_flops("resnet50", 1000, 224) / 2 == pytest.approx(4.1e9, rel=0.01)
+
+
+def test_flops_do_not_depend_on_the_head_count():
+    common = dict(img_size=32, patch_size=4, embed_dim=96, depth=4, num_classes=10, distilled=True)
+    assert vit_forward_flops(num_heads=3, **common) == vit_forward_flops(num_heads=1, **common)
+
+
+# --------------------------------------------------------------------------------------------
+# The command
+
+
+def bench_step(*extra: str, timeout: int = 300) -> subprocess.CompletedProcess:
+    cmd = [
+        sys.executable, "-m", "deitlt_scale.cli", "bench", "step", "--synthetic",
+        "--device", "cpu", "--model", TINY_ARCH,
+        "--model-args", *(f"{k}={v}" for k, v in TINY.items()),
+        "--image-size", "32", "--teacher", "resnet32", "--classes", "10", "--batch", "8",
+        "--steps", "2", "--rounds", "2", "--warmup", "1", *extra,
+    ]  # fmt: skip
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
+    for key in ("RANK", "LOCAL_RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT"):
+        env.pop(key, None)  # one process: no launcher variables from elsewhere
+    return subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=env, cwd=REPO)
+
+
+def field(pattern: str, text: str) -> float:
+    match = re.search(pattern, text, flags=re.MULTILINE)
+    assert match, f"no line matching {pattern!r} in:\n{text}"
+    return float(match.group(1))
+
+
+@pytest.mark.slow
+def test_bench_step_prints_figures_for_both_recipes_and_the_ratios_last():
+    out = bench_step()
+    assert out.returncode == 0, f"STDOUT:\n{out.stdout[-3000:]}\nSTDERR:\n{out.stderr[-3000:]}"
+    text = out.stdout
+
+    flops = int(field(r"^model FLOPs per image: .*? \(([0-9]+)\) = student 3 x", text))
+    expected = 3 * tiny_student_flops_by_counting(10, 32) + teacher_flops_by_counting(
+        "resnet32", 10, 32
+    )
+    assert flops == expected
+
+    assert field(rf"^matmul ceiling: {NUMBER} [GMT]FLOP/s \(fp32 ", text) > 0
+    for recipe in ("step", "reference"):
+        line = rf"^{recipe}: {NUMBER} images/s, {NUMBER} ms/step, .*MFU {NUMBER}%, peak memory "
+        match = re.search(line, text, flags=re.MULTILINE)
+        assert match, f"no {recipe} line in:\n{text}"
+        assert all(float(g) > 0 for g in match.groups())
+        rounds = field(rf"^{recipe}: .*; rounds {NUMBER}, {NUMBER} images/s$", text)
+        assert rounds > 0
+        assert field(rf"^{recipe}: .* loss {NUMBER}", text) > 0
+    assert "DeepSpeed ZeRO 1" in text and "fp16 autocast + GradScaler" in text
+
+    last = text.strip().splitlines()[-3:]
+    assert re.fullmatch(rf"ratio step/reference images/s: {NUMBER}x", last[0])
+    assert re.fullmatch(rf"ratio step/ceiling \(MFU\): {NUMBER}%", last[1])
+    assert re.fullmatch(rf"ratio reference/ceiling \(MFU\): {NUMBER}%", last[2])
+    assert all(float(re.search(NUMBER, line).group(1)) > 0 for line in last)
+
+
+def test_unknown_model_arg_is_one_line_and_exit_2(capsys):
+    from deitlt_scale.cli import main
+
+    assert main(["bench", "step", "--synthetic", "--model-args", "width=3"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.count("\n") == 0
+    assert "width=3" in err and "embed_dim" in err
