@@ -29,7 +29,7 @@ from typing import TYPE_CHECKING, Any, Literal
 
 import yaml
 
-from deitlt_scale.engine.checkpoint import COMPLETE, read_marker
+from deitlt_scale.engine.checkpoint import COMPLETE, check_pickles, read_marker
 from deitlt_scale.errors import UserError
 
 if TYPE_CHECKING:
@@ -186,8 +186,10 @@ def _model_states_file(ckpt: Path) -> Path:
 def _load_pickle(path: Path) -> dict[str, Any]:
     import torch
 
-    # DeepSpeed's own checkpoint format is pickled Python objects (configs, optimizer state):
-    # it is this run's trusted output. The export itself is pickle-free.
+    # DeepSpeed's format is pickled Python objects (configs, optimizer state): scanned first,
+    # so that a file referring to anything beyond tensors and DeepSpeed's state classes is
+    # refused before it is unpickled. The export itself is pickle-free.
+    check_pickles(path.parent)
     state = torch.load(path, map_location="cpu", weights_only=False)
     if not isinstance(state, dict):
         raise ExportError(f"{path} is not a DeepSpeed model states file")
@@ -215,6 +217,7 @@ def consolidate(ckpt: Path) -> tuple[dict[str, torch.Tensor], int]:
 
         # zero_to_fp32 reports progress on stdout; keep stdout for the command's own output.
         with contextlib.redirect_stdout(sys.stderr):
+            check_pickles(ckpt)
             state = get_fp32_state_dict_from_zero_checkpoint(str(ckpt.parent), tag=ckpt.name)
     else:
         state = dict(_load_pickle(_model_states_file(ckpt))["module"])

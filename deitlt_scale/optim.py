@@ -92,8 +92,11 @@ def lr_at(
     return min_lr + 0.5 * (peak - min_lr) * (1.0 + math.cos(math.pi * step / total_steps))
 
 
-def build_optimizer(model: nn.Module, cfg: OptimConfig, lr: float) -> torch.optim.Optimizer:
-    """AdamW or SGD (momentum, no Nesterov) over :func:`param_groups`.
+def build_optimizer(
+    model: nn.Module, cfg: OptimConfig, lr: float, fused: bool = False
+) -> torch.optim.Optimizer:
+    """AdamW or SGD (momentum, no Nesterov) over :func:`param_groups`; ``fused`` (CUDA only)
+    uses torch's single-kernel AdamW.
 
     SAM (``cfg.sam_rho > 0``) is not applied here: wrap the result in :class:`SAM`, or call
     :func:`sam_perturb` / :func:`sam_restore` around the backward passes (engines that own the
@@ -101,7 +104,8 @@ def build_optimizer(model: nn.Module, cfg: OptimConfig, lr: float) -> torch.opti
     """
     groups = param_groups(model, cfg.weight_decay)
     if cfg.name == "adamw":
-        return torch.optim.AdamW(groups, lr=lr, betas=cfg.betas, eps=cfg.eps)
+        extra = {"fused": True} if fused else {}
+        return torch.optim.AdamW(groups, lr=lr, betas=cfg.betas, eps=cfg.eps, **extra)
     if cfg.name == "sgd":
         return torch.optim.SGD(groups, lr=lr, momentum=cfg.momentum, nesterov=False)
     raise ValueError(f"unknown optimizer {cfg.name!r}")

@@ -89,10 +89,22 @@ def is_secret_key(key: str) -> bool:
 
 
 def redact(params: dict[str, Any]) -> dict[str, Any]:
-    """A copy of a flat mapping with the values of secret-looking keys replaced by ``***``."""
+    """A copy of a flat mapping with the values of secret-looking keys replaced by ``***`` and
+    passwords inside URLs (``scheme://user:pass@host``) masked."""
     return {
-        k: (REDACTED if is_secret_key(k) and v not in (None, "") else v) for k, v in params.items()
+        k: (REDACTED if is_secret_key(k) and v not in (None, "") else mask_url(v))
+        for k, v in params.items()
     }
+
+
+_URL_PASSWORD = re.compile(r"(?P<head>[a-zA-Z][a-zA-Z0-9+.-]*://[^:/@\s]+:)[^@/\s]+@")
+
+
+def mask_url(value: Any) -> Any:
+    """``http://user:secret@host`` -> ``http://user:***@host``; other values unchanged."""
+    if isinstance(value, str):
+        return _URL_PASSWORD.sub(lambda m: f"{m.group('head')}{REDACTED}@", value)
+    return value
 
 
 def unflatten(flat: dict[str, Any]) -> dict[str, Any]:
@@ -382,7 +394,7 @@ class Tracker:
             log.warning(
                 "tracking: run %s at %s closed with data lost: %s",
                 self.run_id or "(never created)",
-                self.uri,
+                mask_url(self.uri),
                 "; ".join(lost),
             )
         self._closed = True
@@ -414,7 +426,7 @@ class Tracker:
                 log.warning(
                     "tracking: MLflow at %s is unreachable (%s); training continues, metrics are "
                     "buffered (up to %d points) and sent when it is back",
-                    self.uri,
+                    mask_url(self.uri),
                     _brief(err),
                     self._max_buffered_metrics,
                 )
@@ -423,7 +435,9 @@ class Tracker:
             return
         if self._failing:
             self._failing = False
-            log.warning("tracking: MLflow at %s is reachable again; buffered data sent", self.uri)
+            log.warning(
+                "tracking: MLflow at %s is reachable again; buffered data sent", mask_url(self.uri)
+            )
 
     def _connect(self) -> None:
         from mlflow import MlflowClient
@@ -441,7 +455,7 @@ class Tracker:
                     "tracking: run %s (from %s) is not in %s; starting a new run",
                     self.run_id,
                     RUN_ID_FILE,
-                    self.uri,
+                    mask_url(self.uri),
                 )
         if run is not None:
             client.update_run(run.info.run_id, status="RUNNING")
@@ -599,5 +613,5 @@ def _write_atomic(path: Path, text: str) -> None:
 
 
 def _brief(err: BaseException) -> str:
-    text = " ".join(str(err).split())
+    text = mask_url(" ".join(str(err).split()))  # client errors quote the URL, password included
     return f"{type(err).__name__}: {text[:300]}"

@@ -16,6 +16,7 @@ DeepSpeed's ``accelerator.synchronize()`` (a no-op on its CPU accelerator) are r
 from __future__ import annotations
 
 import contextlib
+import itertools
 import os
 import sys
 import warnings
@@ -274,14 +275,11 @@ def synthetic_batch(device: torch.device, size: int = 32):
     return DeviceBatch(images.to(device), labels.to(device))
 
 
-def run_steps(trainer, window, batch, first: int, count: int) -> None:
-    """What Trainer.train does per optimizer step, minus data loading and logging."""
-    for step in range(first, first + count):
-        trainer._set_lr(step)
-        for micro in range(trainer.cfg.train.grad_accum):
-            window.add(trainer.train_micro_step(batch, step, micro))
-        trainer.state.step = step + 1
-        trainer._check_flags(window)
+def run_steps(trainer, batch, count: int) -> None:
+    """Trainer.train_step on a repeated device batch (train.log_every is never reached)."""
+    batches = itertools.repeat(batch)
+    for _ in range(count):
+        trainer.train_step(batches)
 
 
 # --------------------------------------------------------------------------------------------
@@ -351,8 +349,6 @@ def watch_device_synchronize(counter: HostSyncCounter, monkeypatch: pytest.Monke
 def test_training_steps_and_flag_exchange_never_wait_for_the_device(
     world, random_teacher, tmp_path, monkeypatch, recipe
 ):
-    from deitlt_scale.engine.trainer import _Window
-
     counter = HostSyncCounter(world.device)
     watch_device_synchronize(counter, monkeypatch)
     with counter:  # from before the build, so every tensor's provenance is known
@@ -360,12 +356,11 @@ def test_training_steps_and_flag_exchange_never_wait_for_the_device(
             world, random_teacher, tmp_path / "run", world.device.type, **RECIPES[recipe]
         )
         batch = synthetic_batch(world.device)
-        window = _Window(world.device)
-        run_steps(trainer, window, batch, first=0, count=1)  # fills one-time caches
+        run_steps(trainer, batch, count=1)  # fills one-time caches
         counter.recording = True
-        run_steps(trainer, window, batch, first=1, count=4)  # DeepSpeed's timers start at 2
+        run_steps(trainer, batch, count=4)  # DeepSpeed's timers start at 2
         counter.recording = False
-    assert window.count == 5  # the steps ran and their losses accumulated on the device
+    assert trainer.window.count == 5  # the steps ran and their losses accumulated on the device
     if counter.events:
         pytest.fail(f"host syncs in {recipe} training steps:\n{report(counter.events)}")
 
@@ -373,20 +368,17 @@ def test_training_steps_and_flag_exchange_never_wait_for_the_device(
 @pytest.mark.gpu
 def test_cuda_training_steps_never_synchronise(world, random_teacher, tmp_path):
     """The CUDA runtime's own view: set_sync_debug_mode reports every synchronising call."""
-    from deitlt_scale.engine.trainer import _Window
-
     trainer = tiny_trainer(
         world, random_teacher, tmp_path / "run", "cuda", **RECIPES["bf16-zero1-mixup"]
     )
     batch = synthetic_batch(world.device)
-    window = _Window(world.device)
-    run_steps(trainer, window, batch, first=0, count=2)
+    run_steps(trainer, batch, count=2)
     torch.cuda.synchronize()
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         torch.cuda.set_sync_debug_mode("warn")
         try:
-            run_steps(trainer, window, batch, first=2, count=3)
+            run_steps(trainer, batch, count=3)
         finally:
             torch.cuda.set_sync_debug_mode("default")
     syncs = [w for w in caught if "synchroniz" in str(w.message)]

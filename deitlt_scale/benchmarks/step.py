@@ -388,28 +388,18 @@ class StepRecipe:
     name = "step"
 
     def __init__(self, trainer, batches: Iterator[Any]) -> None:
-        from deitlt_scale.engine.trainer import _Window
-
         self.trainer, self.batches = trainer, batches
-        self.window = _Window(trainer.world.device)
-        self.step = 0
         self.images_per_step = trainer.cfg.train.micro_batch * trainer.cfg.train.grad_accum
 
     def run(self, steps: int) -> None:
-        trainer = self.trainer
         for _ in range(steps):
-            trainer._set_lr(self.step)
-            for micro in range(trainer.cfg.train.grad_accum):
-                batch = next(self.batches)
-                self.window.add(trainer.train_micro_step(batch, self.step, micro))
-            self.step += 1
-            trainer.state.step = self.step
-            trainer._check_flags(self.window)
+            self.trainer.train_step(self.batches)
 
     def mean_loss(self) -> float:
         """Mean loss of the steps run (reads the device: call after timing)."""
-        self.trainer._check_flags(self.window, final=True)  # a non-finite loss raises here
-        return float(self.window.sums["loss"]) / max(self.window.count, 1)
+        self.trainer.finish_steps()  # a non-finite loss raises here
+        window = self.trainer.window
+        return float(window.sums["loss"]) / max(window.count, 1)
 
 
 def reference_amp_dtype(request: str, device):

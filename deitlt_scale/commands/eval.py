@@ -47,6 +47,7 @@ def run(args: argparse.Namespace) -> int:
     world = init_distributed(cfg.runtime.device)
     try:
         trainer = Trainer(cfg, world).build()
+        checkpoint.check_pickles(ref.path)
         trainer.engine.load_checkpoint(
             str(ref.path.parent), tag=ref.tag, load_module_only=True, load_optimizer_states=False
         )

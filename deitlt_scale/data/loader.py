@@ -21,6 +21,7 @@ rank's range carry label -1.
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import math
 import re
@@ -36,6 +37,7 @@ import torch
 from deitlt_scale.config import DataConfig
 from deitlt_scale.data.dali import LABEL_BYTES, EvalGraph, TrainGraph, shard_range
 from deitlt_scale.data.meta import DatasetMeta
+from deitlt_scale.data.shards import sha256_file
 from deitlt_scale.errors import UserError
 
 RANDAUGMENT_MSTD = 0.5  # timm "mstd0.5": Gaussian noise on the magnitude, per op
@@ -57,6 +59,7 @@ class ShardFiles:
     index: Path
     num_samples: int
     bytes: int  # expected tar size, from meta.json
+    sha256: str = ""  # expected checksum, from meta.json (checked only on the error path)
 
 
 # --------------------------------------------------------------------------------------------
@@ -95,7 +98,8 @@ def check_shards(meta: DatasetMeta, split: str) -> list[ShardFiles]:
         )
     out = []
     for (tar, index), info in zip(files, infos):
-        out.append(_check_shard(tar, index, int(info["num_samples"]), int(info["bytes"])))
+        shard = _check_shard(tar, index, int(info["num_samples"]), int(info["bytes"]))
+        out.append(dataclasses.replace(shard, sha256=str(info.get("sha256", ""))))
     total = sum(s.num_samples for s in out)
     if total != meta.num_samples(split):
         raise ShardError(
@@ -176,11 +180,15 @@ def _shard_error(err: Exception, shards: list[ShardFiles]) -> ShardError:
     text = str(err)
     named = [s for s in shards if s.tar.name in text or s.index.name in text]
     culprit = named[0].tar if named else None
-    if culprit is None:  # DALI did not say: find a shard that changed since the checks
+    if culprit is None:  # DALI did not say: find a shard that changed since it was written
         for s in shards:
             if not s.tar.is_file() or s.tar.stat().st_size != s.bytes:
                 culprit = s.tar
                 break
+        else:  # same sizes: compare checksums (slow, but only on this error path)
+            culprit = next(
+                (s.tar for s in shards if s.sha256 and sha256_file(s.tar) != s.sha256), None
+            )
     detail = _first_dali_line(text)
     if culprit is not None:
         return ShardError(

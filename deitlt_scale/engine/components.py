@@ -55,12 +55,14 @@ def build_model(cfg: Config, meta: DatasetMeta) -> torch.nn.Module:
     return create_student(cfg.model, meta.num_classes, cfg.data.image_size)
 
 
-def build_engine(model: torch.nn.Module, cfg: Config, ds_config: dict, lr: float) -> Any:
+def build_engine(
+    model: torch.nn.Module, cfg: Config, ds_config: dict, lr: float, device: torch.device
+) -> Any:
     import deepspeed
 
     from deitlt_scale.optim import build_optimizer
 
-    optimizer = build_optimizer(model, cfg.optim, lr)
+    optimizer = build_optimizer(model, cfg.optim, lr, fused=device.type == "cuda")
     engine, *_ = deepspeed.initialize(model=model, optimizer=optimizer, config=ds_config)
     return engine
 

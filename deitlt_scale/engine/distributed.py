@@ -94,6 +94,7 @@ def resolve_device(requested: str, local_rank: int) -> torch.device:
 
             raise UserError("runtime.device=cuda but CUDA is not available; use runtime.device=cpu")
         torch.cuda.set_device(local_rank)
+        torch.backends.cudnn.benchmark = True  # input shapes are fixed for a whole run
         return torch.device("cuda", local_rank)
     return torch.device("cpu")
 
@@ -124,12 +125,19 @@ def deepspeed_config(cfg: Config, world_size: int) -> dict[str, Any]:
     zero: dict[str, Any] = {"stage": ds.zero_stage}
     if ds.offload_optimizer and ds.zero_stage >= 2:
         zero["offload_optimizer"] = {"device": "cpu"}
+    elif ds.zero_stage in (1, 2):
+        # The grad-norm pass syncs with the host every step; only clipping needs it.
+        zero["compute_grad_norm"] = ds.gradient_clipping > 0
     return {
         "train_micro_batch_size_per_gpu": t.micro_batch,
         "gradient_accumulation_steps": t.grad_accum,
         "train_batch_size": t.micro_batch * t.grad_accum * world_size,
         "gradient_clipping": ds.gradient_clipping,
-        "bf16": {"enabled": ds.bf16},
+        # bf16 has no loss scale to adjust; the trainer's own non-finite check stops a bad run
+        # without the per-step host sync of DeepSpeed's overflow check.
+        "bf16": {"enabled": ds.bf16, "check_grad_overflow": False},
+        # The throughput timer synchronises the device on every step.
+        "timers": {"throughput": {"enabled": False}},
         "zero_optimization": zero,
         "zero_allow_untested_optimizer": True,
         "steps_per_print": 1 << 30,

@@ -13,6 +13,7 @@ import math
 import signal
 import sys
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -63,6 +64,8 @@ class Trainer:
         self.state = TrainState()
         self._stop_signal: int | None = None
         self._flags_pending: tuple[torch.Tensor, Any] | None = None
+        self._step_skipped = False
+        self.window: StepWindow | None = None  # created by the first train_step
 
     # ---------------------------------------------------------------- build
     def build(self, with_data: bool = True) -> Trainer:
@@ -83,11 +86,14 @@ class Trainer:
             self.ds_config["checkpoint"] = {"load_universal": True}
         self.compute_dtype = torch.bfloat16 if cfg.deepspeed.bf16 else torch.float32
         self.teacher, self.teacher_info = components.build_teacher(cfg, self.meta, world.device)
+        torch.manual_seed(cfg.train.seed)  # the same initial weights for the same seed
         model = components.build_model(cfg, self.meta)
         self.model_spec = components.model_spec(cfg, self.meta)
         if cfg.model.compile:
             model = torch.compile(model)
-        self.engine = components.build_engine(model, cfg, self.ds_config, self.peak_lr)
+        self.engine = components.build_engine(
+            model, cfg, self.ds_config, self.peak_lr, world.device
+        )
         self.objective = components.build_objective(cfg, self.meta, self.teacher_info, world.device)
         self.mixer = components.build_mixer(cfg, self.num_classes)
         self.train_loader = self.eval_loader = None
@@ -121,32 +127,42 @@ class Trainer:
         self.tracker = tracker
         self._install_signal_handlers()
         self._resume()
-        s, accum = self.steps, self.cfg.train.grad_accum
-        window = _Window(self.world.device)
+        s = self.steps
         while self.state.step < s.total:
             epoch, first = divmod(self.state.step, s.steps_per_epoch)
-            batches = iter(self.train_loader.epoch(epoch, start=first * accum))
+            batches = iter(self.train_loader.epoch(epoch, start=first * self.cfg.train.grad_accum))
             for _ in range(first, min(s.steps_per_epoch, s.total - epoch * s.steps_per_epoch)):
-                step = self.state.step
-                self._set_lr(step)
-                for micro in range(accum):
-                    t0 = time.perf_counter()
-                    batch = next(batches)
-                    window.data_time += time.perf_counter() - t0
-                    window.add(self.train_micro_step(batch, step, micro))
-                self.state.step = step + 1
-                window.steps += 1
-                stop = self._check_flags(window)
-                if self.state.step % self.cfg.train.log_every == 0:
-                    self._log(window.flush(self.state.step, self._images_per_step()))
-                if stop:
+                if self.train_step(batches):
                     self._save(epoch)
                     return EXIT_REQUEUE
                 if self._should_save_midepoch():
                     self._save(epoch)
             self._end_of_epoch(epoch)
-        self._check_flags(window, final=True)
+        self.finish_steps()
         return 0
+
+    def finish_steps(self) -> None:
+        """Read the last step's flags now (raises NonFiniteLoss); call after the last step."""
+        self._check_flags(final=True)
+
+    def train_step(self, batches: Iterator[Any]) -> bool:
+        """One optimizer step over ``grad_accum`` micro-batches; True when a stop was requested."""
+        if self.window is None:
+            self.window = StepWindow(self.world.device)
+        step, window = self.state.step, self.window
+        self._set_lr(step)
+        self._step_skipped = False
+        for micro in range(self.cfg.train.grad_accum):
+            t0 = time.perf_counter()
+            batch = next(batches)
+            window.data_time += time.perf_counter() - t0
+            window.add(self.train_micro_step(batch, step, micro))
+        self.state.step = step + 1
+        window.steps += 1
+        stop = self._check_flags()
+        if self.state.step % self.cfg.train.log_every == 0:
+            self._log(window.flush(self.state.step, self._images_per_step()))
+        return stop
 
     def train_micro_step(self, batch: Any, step: int, micro: int) -> dict[str, torch.Tensor]:
         """Forward, loss and backward of one micro-batch; the engine steps at the boundary."""
@@ -169,9 +185,14 @@ class Trainer:
             # parameters alone (activations may hold NaN), so this micro-batch adds nothing.
             loss = sum(p.sum() for p in self.engine.module.parameters() if p.requires_grad) * 0.0
             parts = {"loss": loss.detach(), "skipped": torch.ones((), device=loss.device)}
+            self._step_skipped = True
         self.engine.backward(loss)
         if self.sam_rho > 0:
             self._sam_second_pass(images, targets, batch.labels, drw)
+        if self._step_skipped and micro == cfg.train.grad_accum - 1:
+            # lr 0 leaves the weights as they are (weight decay is scaled by lr too).
+            for group in self.engine.optimizer.param_groups:
+                group["lr"] = 0.0
         self.engine.step()
         return {k: v.detach() for k, v in parts.items()}
 
@@ -239,9 +260,11 @@ class Trainer:
             torch.distributed.all_reduce(flag)
         return bool(flag.item())
 
-    def _check_flags(self, window: _Window, final: bool = False) -> bool:
+    def _check_flags(self, final: bool = False) -> bool:
         """All-reduced [non-finite, stop] flags, read one step late so no step waits on the device."""
-        stop = torch.tensor(float(self._stop_signal is not None), device=self.world.device)
+        window = self.window
+        # torch.full, not torch.tensor: no blocking host-to-device copy on CUDA.
+        stop = torch.full((), float(self._stop_signal is not None), device=self.world.device)
         flags = torch.stack([window.nonfinite.clamp(max=1), stop])
         window.nonfinite.zero_()
         if self.world.world_size > 1:
@@ -255,15 +278,18 @@ class Trainer:
             pending, copied = entry
             if copied is not None:
                 copied.synchronize()  # long finished: it was queued a whole step ago
-            if pending[0] > 0 and self.cfg.train.on_nonfinite == "stop":
-                last = checkpoint.latest_checkpoint(self.run_dir)
-                raise NonFiniteLoss(
-                    f"non-finite loss at or before step {self.state.step}; last good checkpoint: "
-                    f"{last.path if last else 'none'} (set train.on_nonfinite=skip to skip such batches)"
-                )
+            self._raise_if_nonfinite(pending)
             if pending[1] > 0:
                 return True
         return False
+
+    def _raise_if_nonfinite(self, pending: torch.Tensor) -> None:
+        if pending[0] > 0 and self.cfg.train.on_nonfinite == "stop":
+            last = checkpoint.latest_checkpoint(self.run_dir)
+            raise NonFiniteLoss(
+                f"non-finite loss at or before step {self.state.step}; last good checkpoint: "
+                f"{last.path if last else 'none'} (set train.on_nonfinite=skip to skip such batches)"
+            )
 
     def _end_of_epoch(self, epoch: int) -> None:
         cfg, done = self.cfg, self.state.step >= self.steps.total
@@ -324,6 +350,12 @@ class Trainer:
         return "mean/overall" if self.cfg.model.distilled else "cls/overall"
 
     def _save(self, epoch: int, tag: str | None = None) -> None:
+        if self._flags_pending is not None:
+            # Never write a checkpoint from a step whose loss was not finite.
+            pending, copied = self._flags_pending
+            if copied is not None:
+                copied.synchronize()
+            self._raise_if_nonfinite(pending)
         client = {
             "train_state": self.state.state_dict(),
             "config_hash": config_mod.config_hash(self.cfg),
@@ -386,7 +418,7 @@ class Trainer:
             signal.signal(sig, handler)
 
 
-class _Window:
+class StepWindow:
     """Running sums of the step's named losses on the device; read only at log steps."""
 
     def __init__(self, device: torch.device) -> None:

@@ -147,11 +147,6 @@ def test_killed_and_rerun_training_ends_with_the_uninterrupted_weights(killed, r
     assert_same_weights(reference_run["weights"], final_weights(run_dir))
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="Trainer.build creates the student from torch's unseeded global generator (random "
-    "per process since torch 2.x), so a run restarted from scratch starts from other weights",
-)
 @pytest.mark.fault(
     "SIGKILL before the first checkpoint",
     "the rerun starts over from step 1 and follows the same trajectory",

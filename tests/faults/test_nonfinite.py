@@ -81,11 +81,6 @@ def test_a_nonfinite_loss_stops_the_run_naming_the_step_and_the_last_checkpoint(
     assert max(_steps(done.stdout)) <= named_step, "no step is trained after the stop"
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="Trainer.train saves a checkpoint before it reads the non-finite flag of the step "
-    "just taken (flags are read one step late), so the checkpoint it names holds NaN weights",
-)
 @pytest.mark.fault(
     "non-finite loss, train.on_nonfinite=stop, checkpoint after every step",
     "the checkpoint named as last good holds finite weights",
@@ -111,11 +106,6 @@ def test_skip_mode_marks_every_skipped_step(skipped):
     assert all("skipped" not in steps[s] for s in (1, 2))
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="a skipped step backpropagates a zero loss but still calls the optimizer: AdamW's "
-    "momentum and weight decay keep moving the weights (to inf with this learning rate)",
-)
 @pytest.mark.fault(
     "non-finite loss, train.on_nonfinite=skip",
     "a skipped step leaves the weights unchanged",

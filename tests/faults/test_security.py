@@ -113,11 +113,6 @@ def test_resume_refuses_a_checkpoint_that_would_run_code(
 
 
 @pytest.mark.slow
-@pytest.mark.xfail(
-    strict=True,
-    reason="export.py reads DeepSpeed model states with torch.load(weights_only=False) and "
-    "zero_to_fp32 unpickles the same way; it needs checkpoint.check_pickles first",
-)
 @pytest.mark.fault(
     "`deitlt export` of a checkpoint that would run code",
     "refused (exit 2) before anything is unpickled; nothing runs",

@@ -173,11 +173,6 @@ def test_a_corrupt_jpeg_stops_training_with_one_line(jpeg_run):
 
 
 @pytest.mark.slow
-@pytest.mark.xfail(
-    strict=True,
-    reason="DALI's decoder error names no file and the shard sizes still match, so "
-    "loader._shard_error cannot tell which shard; it needs a checksum pass on this error path",
-)
 @pytest.mark.fault(
     "a corrupt JPEG inside a shard, met during training",
     "the error line names the damaged shard",

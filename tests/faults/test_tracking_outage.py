@@ -121,11 +121,6 @@ def test_an_unreachable_server_is_reported_once_with_what_was_lost(unreachable):
     assert len(lost) == 1 and "unsent" in lost[0] and "metric points" in lost[0], stderr
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="tracking.redact masks keys named like secrets only: the credentials of "
-    "tracking.uri reach the warnings, the logged params and .tracking/config.yaml",
-)
 @pytest.mark.fault(
     "credentials inside tracking.uri",
     "they appear in no log line and in no config logged to MLflow",
