@@ -46,7 +46,9 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--out", type=Path, default=REPO / "runs" / "paper-effect")
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1])
-    parser.add_argument("--epochs", type=int, default=None, help="student epochs (recipe's default)")
+    parser.add_argument(
+        "--epochs", type=int, default=None, help="student epochs (recipe's default)"
+    )
     parser.add_argument("--teacher-epochs", type=int, default=None)
     args = parser.parse_args()
     out: Path = args.out.resolve()
@@ -55,7 +57,10 @@ def main() -> int:
         deitlt("data", "prepare", "digits-lt", "--out", data)
 
     teacher_extra = [f"train.epochs={args.teacher_epochs}"] if args.teacher_epochs else []
-    teachers = {"ldam-drw-sam": [], "ce": ["distill.teacher_loss=ce", "optim.sam_rho=0", "distill.drw_epoch=null"]}
+    teachers = {
+        "ldam-drw-sam": [],
+        "ce": ["distill.teacher_loss=ce", "optim.sam_rho=0", "distill.drw_epoch=null"],
+    }
     for name, extra in teachers.items():
         deitlt(
             "teacher", "train", REPO / "recipes" / "teacher_digits.yaml",
