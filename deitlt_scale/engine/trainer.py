@@ -143,7 +143,8 @@ class Trainer:
 
     def finish_steps(self) -> None:
         """Read the last step's flags now (raises NonFiniteLoss); call after the last step."""
-        self._check_flags(final=True)
+        if self.window is not None:  # None: nothing left to train after resuming
+            self._check_flags(final=True)
 
     def train_step(self, batches: Iterator[Any]) -> bool:
         """One optimizer step over ``grad_accum`` micro-batches; True when a stop was requested."""
