@@ -285,7 +285,7 @@ def build_model(student: dict[str, Any]) -> torch.nn.Module:
         ) from None
 
 
-def _load_strict(model: torch.nn.Module, state: dict[str, torch.Tensor], what: str) -> None:
+def load_strict(model: torch.nn.Module, state: dict[str, torch.Tensor], what: str) -> None:
     result = model.load_state_dict(state, strict=False)
     if result.missing_keys or result.unexpected_keys:
         raise ExportError(
@@ -330,10 +330,10 @@ def export(
     if ema:
         stage = zero_stage_of(ref.path)
         state = ema_state(ref.path)
-        _load_strict(model, state, f"EMA weights of {ref.path}")
+        load_strict(model, state, f"EMA weights of {ref.path}")
     else:
         state, stage = consolidate(ref.path)
-        _load_strict(model, state, f"checkpoint {ref.path}")
+        load_strict(model, state, f"checkpoint {ref.path}")
     model.eval()
 
     target = torch.bfloat16 if dtype == "bf16" else torch.float32

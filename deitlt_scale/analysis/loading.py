@@ -178,18 +178,19 @@ def as_student(model: nn.Module) -> nn.Module:
 def _load_run(path: Path, tag: str | None) -> Subject:
     """The student of checkpoint ``tag`` (default: newest complete), consolidated as the export
     consolidates it, so that a run and its export analyse identically."""
-    from deitlt_scale.export import build_model, consolidate, find_checkpoint, read_student
+    from deitlt_scale.export import (
+        build_model,
+        consolidate,
+        find_checkpoint,
+        load_strict,
+        read_student,
+    )
 
     ref = find_checkpoint(path, tag)
     student = read_student(ref.run_dir, ref)
     model = build_model(student)
     state, _ = consolidate(ref.path)
-    result = model.load_state_dict(state, strict=False)
-    if result.missing_keys or result.unexpected_keys:
-        raise UserError(
-            f"checkpoint {ref.path} does not fit {path / RUN_STUDENT}: missing "
-            f"{result.missing_keys[:3]}, unexpected {result.unexpected_keys[:3]}"
-        )
+    load_strict(model, state, f"checkpoint {ref.path}")
     return Subject(
         name=f"{path.name}@{ref.tag}" if tag not in (None, "latest") else path.name,
         path=path,
