@@ -215,12 +215,9 @@ class TeacherInput(nn.Module):
         self.input_size = input_size
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
-        size = self.input_size
-        if images.shape[-2:] != (size, size):
-            images = torch.nn.functional.interpolate(
-                images, size=(size, size), mode="bicubic", align_corners=False
-            )
-        return self.teacher(images.float()).float()
+        from deitlt_scale.models.teachers import resize_for_teacher
+
+        return self.teacher(resize_for_teacher(images.float(), self.input_size)).float()
 
 
 def load_teacher_model(path: str | Path, device: torch.device) -> TeacherInput:

@@ -100,7 +100,7 @@ def build_teacher(cfg: Config, meta: DatasetMeta, device: torch.device) -> tuple
     return teacher, info
 
 
-def build_objective(cfg: Config, meta: DatasetMeta, teacher_info: Any, device: torch.device) -> Any:
+def build_objective(cfg: Config, meta: DatasetMeta) -> Any:
     if cfg.train.task == "teacher":
         from deitlt_scale.losses import teacher_objective
 

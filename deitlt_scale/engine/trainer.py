@@ -14,7 +14,7 @@ import signal
 import sys
 import time
 from collections.abc import Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -27,6 +27,7 @@ from deitlt_scale.data import meta as meta_mod
 from deitlt_scale.engine import checkpoint
 from deitlt_scale.engine.distributed import World, deepspeed_config
 from deitlt_scale.engine.evaluate import EvalResult, evaluate, format_table, write_per_class_csv
+from deitlt_scale.models.teachers import resize_for_teacher
 
 EXIT_REQUEUE = 75  # stopped by a signal after a complete checkpoint: requeue and resume
 EXIT_NONFINITE = 3
@@ -41,7 +42,6 @@ class TrainState:
     step: int = 0  # optimizer steps completed
     best_metric: float = -math.inf
     best_step: int = -1
-    history: list[dict[str, float]] = field(default_factory=list)
 
     def state_dict(self) -> dict[str, Any]:
         return {"step": self.step, "best_metric": self.best_metric, "best_step": self.best_step}
@@ -94,7 +94,7 @@ class Trainer:
         self.engine = components.build_engine(
             model, cfg, self.ds_config, self.peak_lr, world.device
         )
-        self.objective = components.build_objective(cfg, self.meta, self.teacher_info, world.device)
+        self.objective = components.build_objective(cfg, self.meta)
         self.mixer = components.build_mixer(cfg, self.num_classes)
         self.train_loader = self.eval_loader = None
         if with_data:
@@ -215,10 +215,7 @@ class Trainer:
     def _teacher_logits(self, images: torch.Tensor) -> torch.Tensor | None:
         if self.teacher is None:
             return None
-        size = self.teacher_info.input_size
-        if images.shape[-1] != size or images.shape[-2] != size:
-            # As the reference: bicubic, no antialias, on the mixed normalised batch (METHOD.md 3.2).
-            images = F.interpolate(images, size=(size, size), mode="bicubic", align_corners=False)
+        images = resize_for_teacher(images, self.teacher_info.input_size)
         dtype = torch.bfloat16 if self.cfg.teacher.dtype == "bf16" else torch.float32
         memory_format = torch.channels_last if self.cfg.teacher.channels_last else None
         x = images.to(dtype=dtype, memory_format=memory_format or torch.contiguous_format)

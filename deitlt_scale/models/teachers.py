@@ -137,3 +137,12 @@ def freeze(
     if channels_last:
         model.to(memory_format=torch.channels_last)
     return model
+
+
+def resize_for_teacher(images: Tensor, input_size: int) -> Tensor:
+    """The student's (mixed, normalised) batch at the teacher's input size, as the reference
+    feeds it: bicubic without antialias, and untouched when the sizes already match
+    (METHOD.md 3.2)."""
+    if images.shape[-2:] == (input_size, input_size):
+        return images
+    return F.interpolate(images, size=(input_size, input_size), mode="bicubic", align_corners=False)
