@@ -81,6 +81,10 @@ class ModelConfig:
     drop_path: float = 0.1
     distilled: bool = True  # False: plain ViT with a CLS token only (the ViT baseline)
     compile: bool = False
+    # torch.compile mode; reduce-overhead adds CUDA graphs, max-autotune also tunes GEMM kernels
+    compile_mode: Literal[
+        "default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs"
+    ] = "default"
 
 
 @dataclass
@@ -92,6 +96,7 @@ class TeacherConfig:
     dtype: Literal["bf16", "fp32"] = "bf16"
     channels_last: bool = True
     compile: bool = False
+    side_stream: bool = True  # on CUDA: the teacher's forward overlaps the student's forward
 
 
 @dataclass
@@ -122,6 +127,7 @@ class OptimConfig:
     momentum: float = 0.9  # sgd only
     sam_rho: float = 0.0  # > 0 wraps the optimizer in SAM (teacher training)
     sam_adaptive: bool = False
+    fused: bool = True  # on CUDA: torch's single-kernel AdamW update (ignored elsewhere)
 
 
 @dataclass

@@ -20,6 +20,7 @@ from deitlt_scale.cli import build_parser, main
 from deitlt_scale.errors import UserError
 from deitlt_scale.models.importers import import_checkpoint, read_checkpoint
 from deitlt_scale.models.teacher_file import TeacherInfo, load_teacher, save_teacher
+from deitlt_scale.models.teacher_runner import TeacherRunner
 from deitlt_scale.models.teachers import NormedLinear, create_teacher_arch, freeze
 
 K = 7
@@ -192,6 +193,50 @@ def test_freeze_puts_the_teacher_in_eval_mode_without_gradients():
     assert not model.training
     assert all(not p.requires_grad and p.dtype == torch.bfloat16 for p in model.parameters())
     assert model.conv1.weight.is_contiguous(memory_format=torch.channels_last)
+
+
+def frozen_teacher(device: str, dtype=torch.float32, channels_last=False) -> nn.Module:
+    torch.manual_seed(0)
+    model = create_teacher_arch("resnet32", K)
+    randomize_bn(model)
+    return freeze(model.to(device), dtype, channels_last)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_runner_feeds_the_resized_batch_in_the_teacher_dtype_and_layout(dtype):
+    model = frozen_teacher("cpu", dtype, channels_last=True)
+    runner = TeacherRunner(model, 32, dtype, channels_last=True, side_stream=True)
+    assert runner.stream is None  # no CUDA device: the forward runs in place
+    batch = images(size=48, n=4)  # a student batch at another size than the teacher's input
+    resized = F.interpolate(batch, size=(32, 32), mode="bicubic", align_corners=False)
+    with torch.no_grad():
+        expected = model(resized.to(dtype).contiguous(memory_format=torch.channels_last)).float()
+    pending = runner.launch(batch)
+    logits = pending.wait()
+    assert logits.dtype == torch.float32 and logits.shape == (4, K)
+    assert torch.equal(logits, expected)
+    assert torch.equal(runner(batch), expected)
+    assert not logits.requires_grad
+
+
+@pytest.mark.gpu
+def test_side_stream_gives_the_in_place_logits_without_host_syncs():
+    model = frozen_teacher("cuda", torch.bfloat16, channels_last=True)
+    in_place = TeacherRunner(model, 32, torch.bfloat16, channels_last=True, side_stream=False)
+    overlapped = TeacherRunner(model, 32, torch.bfloat16, channels_last=True, side_stream=True)
+    assert overlapped.stream is not None and in_place.stream is None
+    batch = images(size=48, n=64).cuda()
+    expected = in_place(batch)
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")  # any synchronising call raises
+    try:
+        work = torch.randn(2048, 2048, device="cuda")
+        pending = overlapped.launch(batch * 1.0)  # a batch written just before on the main stream
+        busy = work @ work  # main-stream work queued while the teacher runs
+        logits = pending.wait() + 0.0 * busy.sum()
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    torch.testing.assert_close(logits, expected, rtol=0, atol=0)
 
 
 def test_unknown_teacher_arch_is_a_user_error():

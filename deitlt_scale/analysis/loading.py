@@ -24,6 +24,7 @@ from torch import nn
 from deitlt_scale.analysis.probe import Probe, as_probe
 from deitlt_scale.config import Config, from_dict
 from deitlt_scale.errors import UserError
+from deitlt_scale.models.teacher_runner import TeacherRunner
 
 EXPORT_WEIGHTS = "model.safetensors"
 EXPORT_CONFIG = "config.json"
@@ -206,26 +207,12 @@ def _load_run(path: Path, tag: str | None) -> Subject:
     )
 
 
-class TeacherInput(nn.Module):
-    """The teacher as the trainer feeds it: the student's batch resized (bicubic) to its input."""
-
-    def __init__(self, teacher: nn.Module, input_size: int) -> None:
-        super().__init__()
-        self.teacher = teacher
-        self.input_size = input_size
-
-    def forward(self, images: torch.Tensor) -> torch.Tensor:
-        from deitlt_scale.models.teachers import resize_for_teacher
-
-        return self.teacher(resize_for_teacher(images.float(), self.input_size)).float()
-
-
-def load_teacher_model(path: str | Path, device: torch.device) -> TeacherInput:
+def load_teacher_model(path: str | Path, device: torch.device) -> TeacherRunner:
     """The frozen fp32 teacher of a teacher directory, fed as during training."""
     from deitlt_scale.models.teacher_file import load_teacher
 
     teacher, info = load_teacher(path, device, torch.float32, False)
-    return TeacherInput(teacher, info.input_size).eval()
+    return TeacherRunner(teacher, info.input_size)
 
 
 def teacher_path(subject: Subject, override: str | None) -> Path | None:

@@ -12,7 +12,7 @@ import csv
 import json
 import math
 import sys
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -20,7 +20,7 @@ from typing import Any
 import numpy as np
 import torch
 import torch.nn.functional as F
-from torch import Tensor, nn
+from torch import Tensor
 
 from deitlt_scale.analysis import plots
 from deitlt_scale.analysis.accuracy import PREDICTORS, group_bands
@@ -66,7 +66,7 @@ def analyze(
     out: str | Path,
     options: Options | None = None,
     compare: Subject | None = None,
-    teacher: nn.Module | None = None,
+    teacher: Callable[[Tensor], Tensor] | None = None,
     ood_images: Iterable[Tensor] | None = None,
     history: Sequence[tuple[int, float]] | None = None,
     total_batches: int | None = None,

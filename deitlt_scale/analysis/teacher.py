@@ -9,12 +9,12 @@ Mixup/CutMix (:class:`deitlt_scale.data.mixing.Mixer`, METHOD.md 4.3).
 from __future__ import annotations
 
 import math
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from typing import Any
 
 import numpy as np
 import torch
-from torch import Tensor, nn
+from torch import Tensor
 
 VIEWS = ("in_distribution", "ood")
 
@@ -51,7 +51,7 @@ def mixed(batches: Iterable[Any], mixer: Any, seed: int) -> Iterator[Tensor]:
 class TeacherEntropy:
     """Per-image teacher entropies, collected separately for each kind of view."""
 
-    def __init__(self, teacher: nn.Module) -> None:
+    def __init__(self, teacher: Callable[[Tensor], Tensor]) -> None:
         self.teacher = teacher
         self.values: dict[str, list[Tensor]] = {view: [] for view in VIEWS}
 

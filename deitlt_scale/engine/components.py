@@ -62,13 +62,16 @@ def build_engine(
 
     from deitlt_scale.optim import build_optimizer
 
-    optimizer = build_optimizer(model, cfg.optim, lr, fused=device.type == "cuda")
+    optimizer = build_optimizer(
+        model, cfg.optim, lr, fused=cfg.optim.fused and device.type == "cuda"
+    )
     engine, *_ = deepspeed.initialize(model=model, optimizer=optimizer, config=ds_config)
     return engine
 
 
 def build_teacher(cfg: Config, meta: DatasetMeta, device: torch.device) -> tuple[Any, Any]:
-    """The frozen teacher on the student's device, outside the engine; (None, None) without one."""
+    """The frozen teacher on the student's device, outside the engine, as a
+    :class:`~deitlt_scale.models.teacher_runner.TeacherRunner`; (None, None) without one."""
     if cfg.train.task == "teacher" or cfg.distill.type == "none" or not cfg.teacher.path:
         if cfg.train.task == "student" and cfg.distill.type != "none" and not cfg.teacher.path:
             raise ConfigError(
@@ -77,6 +80,7 @@ def build_teacher(cfg: Config, meta: DatasetMeta, device: torch.device) -> tuple
             )
         return None, None
     from deitlt_scale.models.teacher_file import load_teacher
+    from deitlt_scale.models.teacher_runner import TeacherRunner
 
     dtype = torch.bfloat16 if cfg.teacher.dtype == "bf16" else torch.float32
     teacher, info = load_teacher(cfg.teacher.path, device, dtype, cfg.teacher.channels_last)
@@ -97,7 +101,10 @@ def build_teacher(cfg: Config, meta: DatasetMeta, device: torch.device) -> tuple
         )
     if cfg.teacher.compile:
         teacher = torch.compile(teacher)
-    return teacher, info
+    runner = TeacherRunner(
+        teacher, info.input_size, dtype, cfg.teacher.channels_last, cfg.teacher.side_stream
+    )
+    return runner, info
 
 
 def build_objective(cfg: Config, meta: DatasetMeta) -> Any:

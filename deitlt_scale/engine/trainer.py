@@ -27,7 +27,6 @@ from deitlt_scale.data import meta as meta_mod
 from deitlt_scale.engine import checkpoint
 from deitlt_scale.engine.distributed import World, deepspeed_config
 from deitlt_scale.engine.evaluate import EvalResult, evaluate, format_table, write_per_class_csv
-from deitlt_scale.models.teachers import resize_for_teacher
 
 EXIT_REQUEUE = 75  # stopped by a signal after a complete checkpoint: requeue and resume
 EXIT_NONFINITE = 3
@@ -90,7 +89,7 @@ class Trainer:
         model = components.build_model(cfg, self.meta)
         self.model_spec = components.model_spec(cfg, self.meta)
         if cfg.model.compile:
-            model = torch.compile(model)
+            model = torch.compile(model, mode=cfg.model.compile_mode)
         self.engine = components.build_engine(
             model, cfg, self.ds_config, self.peak_lr, world.device
         )
@@ -116,7 +115,7 @@ class Trainer:
                 f"schedule     {s.steps_per_epoch} steps/epoch, {s.total} steps, warm-up {s.warmup},"
                 f" DRW from step {s.drw_start}, peak lr {self.peak_lr:.3g}",
                 f"deepspeed    ZeRO {cfg.deepspeed.zero_stage}, bf16 {cfg.deepspeed.bf16},"
-                f" compile {cfg.model.compile}",
+                f" compile {cfg.model.compile_mode if cfg.model.compile else 'off'}",
                 f"teacher      {cfg.teacher.path or 'none'}",
             ]
         )
@@ -172,8 +171,10 @@ class Trainer:
         torch.manual_seed(seed)  # drop path and any other torch randomness
         drw = self.steps.drw_start is not None and step >= self.steps.drw_start
         images, targets = self._mix(batch, seed, drw)
-        teacher_logits = self._teacher_logits(images)
+        # On CUDA the teacher runs on a side stream while the student's forward runs.
+        teacher = self.teacher.launch(images) if self.teacher is not None else None
         out = self.engine(images.to(self.compute_dtype))
+        teacher_logits = teacher.wait() if teacher is not None else None
         parts = self._loss(out, targets, batch.labels, teacher_logits, drw)
         if self.task == "student" and out.dist_feat is not None:
             # The paper's expert-divergence signal (Fig. 4a plots 1 - this).
@@ -210,16 +211,6 @@ class Trainer:
         if self.cfg.data.mixup.label_smoothing > 0 and self.task == "student":
             return batch.images, self.mixer.smooth_only(batch.labels)
         return batch.images, None
-
-    @torch.no_grad()
-    def _teacher_logits(self, images: torch.Tensor) -> torch.Tensor | None:
-        if self.teacher is None:
-            return None
-        images = resize_for_teacher(images, self.teacher_info.input_size)
-        dtype = torch.bfloat16 if self.cfg.teacher.dtype == "bf16" else torch.float32
-        memory_format = torch.channels_last if self.cfg.teacher.channels_last else None
-        x = images.to(dtype=dtype, memory_format=memory_format or torch.contiguous_format)
-        return self.teacher(x).float()
 
     def _loss(self, out, targets, labels, teacher_logits, drw) -> dict[str, torch.Tensor]:
         if self.task == "teacher":
