@@ -81,6 +81,7 @@ STEP_LINE = re.compile(
     r"^(step|reference): ([0-9.]+) images/s, .*MFU ([0-9.]+)%, peak memory (\d+)"
 )
 RATIO_LINE = re.compile(r"^ratio step/reference images/s: ([0-9.]+)x")
+ABLATION_LINE = re.compile(r"^ratio step\[(.+)\]/step images/s: ([0-9.]+)x")
 SECTION = re.compile(r"^== (.+?) \(limit \d+s\)")
 
 
@@ -105,6 +106,10 @@ def parse_benchmarks(text: str) -> dict[str, dict[str, float]]:
         ratio = RATIO_LINE.match(line)
         if ratio:
             results.setdefault(section, {})["x reference"] = float(ratio.group(1))
+        ablation = ABLATION_LINE.match(line)
+        if ablation:
+            variant, value = ablation.groups()
+            results.setdefault(section, {})[f"variant {variant}"] = float(value)
     return results
 
 
@@ -118,6 +123,11 @@ def cmd_summary(log: Path) -> int:
     for section, figures in results.items():
         cells = " ".join(f"{figures.get(c, float('nan')):18.2f}" for c in columns)
         print(f"{section[:44]:44s} {cells}")
+    for section, figures in results.items():
+        for key, value in figures.items():
+            if key.startswith("variant "):
+                variant = key.removeprefix("variant ")
+                print(f"{section[:44]:44s} step[{variant}] / step images/s: {value:.2f}x")
     base = next((f for s, f in results.items() if "DeiT-B" in s), None)
     if base is None:
         print("goal: no DeiT-B figures (the DeiT-B benchmark did not finish)")

@@ -8,6 +8,7 @@ positive, and that the FLOPs per image equal a count made independently by torch
 
 from __future__ import annotations
 
+import importlib.util
 import os
 import re
 import subprocess
@@ -27,6 +28,16 @@ from deitlt_scale.benchmarks.flops import (
 from deitlt_scale.config import ModelConfig
 
 REPO = Path(__file__).resolve().parent.parent
+
+
+def _load_script(name: str):
+    spec = importlib.util.spec_from_file_location(name, REPO / "scripts" / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+gpu_check = _load_script("gpu_check")  # scripts/gpu_check.py, the GPU check's log reader
 TINY = {"patch_size": 8, "embed_dim": 48, "depth": 2, "num_heads": 2}
 TINY_ARCH = "deit_tiny_distilled_patch16_224"
 NUMBER = r"([0-9]+(?:\.[0-9]+)?)"
@@ -147,3 +158,43 @@ def test_unknown_model_arg_is_one_line_and_exit_2(capsys):
     err = capsys.readouterr().err.strip()
     assert err.count("\n") == 0
     assert "width=3" in err and "embed_dim" in err
+
+
+@pytest.mark.slow
+def test_bench_step_ablations_are_measured_in_the_same_run_with_their_ratio_to_the_step():
+    variants = ("teacher.side_stream=false,optim.fused=false", "model.depth=1")
+    out = bench_step("--ablate", *variants)
+    assert out.returncode == 0, f"STDOUT:\n{out.stdout[-3000:]}\nSTDERR:\n{out.stderr[-3000:]}"
+    text = out.stdout
+    for variant in variants:
+        name = re.escape(f"step[{variant}]")
+        assert field(rf"^{name}: {NUMBER} images/s, .*MFU {NUMBER}%", text) > 0
+    assert re.search(r"^step\[model\.depth=1\]: student: .*depth 1,", text, flags=re.MULTILINE)
+    assert re.search(r"^step: student: .*depth 2,", text, flags=re.MULTILINE)
+    side = re.search(r"^step: .*\[(.*)\]; rounds", text, flags=re.MULTILINE).group(1)
+    assert "side stream on cuda" in side and "fused AdamW on cuda" in side
+    off = re.search(r"^step\[teacher\.side_stream=false.*\[(.*)\]; rounds", text, re.MULTILINE)
+    assert "side stream" not in off.group(1) and "fused" not in off.group(1)
+    # The GPU check's summary reads these lines from its log.
+    section = "== bench step tiny (limit 60s) at 00:00:00 UTC"
+    figures = gpu_check.parse_benchmarks(f"{section}\n{text}")["bench step tiny"]
+    assert figures["step images/s"] > 0 and figures["x reference"] > 0
+    assert {f"variant {v}" for v in variants} <= set(figures)
+    last = text.strip().splitlines()[-2:]
+    for line, variant in zip(last, variants, strict=True):
+        assert re.fullmatch(
+            rf"ratio {re.escape(f'step[{variant}]')}/step images/s: {NUMBER}x", line
+        )
+        assert float(re.search(NUMBER, line).group(1)) > 0
+
+
+def test_ablation_with_an_unknown_config_key_is_one_line_naming_it(capsys):
+    from deitlt_scale.cli import main
+
+    args = ["bench", "step", "--synthetic", "--device", "cpu", "--teacher", "none"]
+    assert main([*args, "--ablate", "teacher.side_streem=false"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.count("\n") == 0 and "side_streem" in err
+    assert main([*args, "--ablate", "optim.fused"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.count("\n") == 0 and "KEY=VALUE" in err

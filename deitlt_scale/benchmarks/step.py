@@ -23,6 +23,11 @@ synthetic data the two recipes alternate round by round, so a change in the mach
 affects both alike; the median round is reported. With ``--shards`` they run one after the other
 (a loader would keep prefetching while the other recipe runs). Figures print per recipe; the
 ratios print last.
+
+``--ablate KEY=VALUE[,KEY=VALUE]`` adds variants of the step recipe, each built with those config
+overrides (``teacher.side_stream=false``, ``optim.fused=false``, ``model.compile_mode=...``) and
+measured in the same rounds, so one run gives what each optimisation is worth
+(``ratio step[...]/step``).
 """
 
 from __future__ import annotations
@@ -35,7 +40,7 @@ import sys
 import tempfile
 import time
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, NamedTuple
 
@@ -127,6 +132,15 @@ def register(parser: argparse.ArgumentParser) -> None:
         default="auto",
         help="autocast of the reference recipe (auto: fp16 + GradScaler, on cpu bf16 when fp16 "
         "autocast does not work there)",
+    )
+    parser.add_argument(
+        "--ablate",
+        nargs="+",
+        default=[],
+        metavar="KEY=VALUE[,KEY=VALUE]",
+        help="variants of the step recipe, each with these config overrides (e.g. "
+        "teacher.side_stream=false optim.fused=false model.compile_mode=max-autotune), measured "
+        "in the same run as the step recipe; each one's ratio to the step recipe prints last",
     )
     parser.add_argument(
         "--threads",
@@ -237,9 +251,10 @@ def bench_config(
     compile_student: bool,
     teacher_dir: Path | None,
     run_dir: Path,
+    extra: tuple[str, ...] = (),
 ):
     """The Config the step recipe trains with: the paper's objective and mixup, no logging step,
-    no checkpoints, no tracking."""
+    no checkpoints, no tracking; ``extra`` overrides (an ``--ablate`` variant) come last."""
     from deitlt_scale import config as config_mod
 
     overrides = [
@@ -267,7 +282,20 @@ def bench_config(
     ]
     if args.shards is not None:
         overrides.append(f"data.shards={args.shards}")
-    return config_mod.load(None, overrides)
+    return config_mod.load(None, [*overrides, *extra])
+
+
+def ablation_overrides(variant: str) -> tuple[str, ...]:
+    """``"a.b=1,c.d=x"`` -> ``("a.b=1", "c.d=x")``; a part without ``=`` is a UserError."""
+    from deitlt_scale.errors import UserError
+
+    parts = tuple(part.strip() for part in variant.split(",") if part.strip())
+    if not parts or any("=" not in part for part in parts):
+        raise UserError(
+            f"--ablate {variant!r} must be KEY=VALUE overrides joined by commas, "
+            "e.g. teacher.side_stream=false,optim.fused=false"
+        )
+    return parts
 
 
 # --------------------------------------------------------------------------------------------
@@ -385,10 +413,8 @@ class StepRecipe:
     """The project's training step: :class:`~deitlt_scale.engine.trainer.Trainer` steps as its
     loop runs them (lr set, micro-steps, the one-step-late flag exchange), minus logging."""
 
-    name = "step"
-
-    def __init__(self, trainer, batches: Iterator[Any]) -> None:
-        self.trainer, self.batches = trainer, batches
+    def __init__(self, trainer, batches: Iterator[Any], name: str = "step") -> None:
+        self.trainer, self.batches, self.name = trainer, batches, name
         self.images_per_step = trainer.cfg.train.micro_batch * trainer.cfg.train.grad_accum
 
     def run(self, steps: int) -> None:
@@ -538,6 +564,7 @@ def time_rounds(recipe, steps: int, device) -> float:
 
 
 def _check_args(args: argparse.Namespace) -> None:
+    from deitlt_scale import config as config_mod
     from deitlt_scale.errors import UserError
 
     for flag in ("batch", "steps", "rounds", "image_size", "classes", "threads"):
@@ -550,6 +577,8 @@ def _check_args(args: argparse.Namespace) -> None:
     if args.shards is not None and not (args.shards / "meta.json").is_file():
         raise UserError(f"--shards {args.shards} holds no meta.json; prepare it with deitlt data")
     model_overrides(args.model_args)  # a bad KEY=VALUE fails before anything is built
+    for variant in args.ablate:  # unknown keys and bad values, before anything is built
+        config_mod.load(None, list(ablation_overrides(variant)))
 
 
 def _describe_student(trainer) -> str:
@@ -612,14 +641,8 @@ def run(args: argparse.Namespace) -> int:
 def _bench(args: argparse.Namespace, world, tmp: Path) -> None:
     import torch
 
-    from deitlt_scale.benchmarks.flops import (
-        TrainingFlops,
-        format_flops,
-        student_forward_flops,
-        teacher_forward_flops,
-    )
+    from deitlt_scale.benchmarks.flops import format_flops
     from deitlt_scale.data import meta as meta_io
-    from deitlt_scale.engine.trainer import Trainer
 
     device = world.device
     on_cuda = device.type == "cuda"
@@ -635,18 +658,23 @@ def _bench(args: argparse.Namespace, world, tmp: Path) -> None:
         teacher_dir = write_random_teacher(
             tmp / "teacher", args.teacher, num_classes, args.image_size
         )
-    cfg = bench_config(
-        args,
-        device=device.type,
-        bf16=bf16,
-        compile_student=compile_student,
-        teacher_dir=teacher_dir,
-        run_dir=tmp / "run",
-    )
-    flops = TrainingFlops(
-        student_forward_flops(cfg.model, num_classes, args.image_size),
-        teacher_forward_flops(args.teacher, num_classes, args.image_size) if teacher_dir else 0,
-    )
+
+    def config(extra: tuple[str, ...] = ()):
+        return bench_config(
+            args,
+            device=device.type,
+            bf16=bf16,
+            compile_student=compile_student,
+            teacher_dir=teacher_dir,
+            run_dir=tmp / "run",
+            extra=extra,
+        )
+
+    cfg = config()
+    variants = {"step": cfg}
+    for variant in args.ablate:
+        variants[f"step[{variant}]"] = config(ablation_overrides(variant))
+    flops = training_flops(cfg, args.teacher if teacher_dir else "none", num_classes)
     # Loaders keep prefetching while the other recipe runs, so with real data the recipes run
     # one after the other; synthetic batches allow alternating rounds (fair under varying load).
     alternate = args.shards is None
@@ -680,18 +708,18 @@ def _bench(args: argparse.Namespace, world, tmp: Path) -> None:
     def step_batches() -> Iterator[Any]:
         return synthetic_batches(args.batch, args.image_size, num_classes, device)
 
-    # The step recipe: the real Trainer, built as `deitlt train` builds it.
-    memory = _Memory(device)
-    trainer = Trainer(cfg, world, meta=meta).build(with_data=args.shards is not None)
-    print(_describe_student(trainer), flush=True)
-    step = StepRecipe(trainer, _epochs(trainer.train_loader) if args.shards else step_batches())
-    step_peak = _warm_up(step, args.warmup, device, memory)
-    step_rates: list[float] = []
-    if not alternate:
-        step_rates = _timed(step, args.rounds, args.steps, device, ceiling)
-        step_loss = step.mean_loss()
-        del step, trainer
-        gc.collect()
+    # The step recipe and its variants: the real Trainer, built as `deitlt train` builds it.
+    measured: list[Measured] = []
+    for name, variant_cfg in variants.items():
+        recipe, peak = _build_step(name, variant_cfg, world, meta, args, step_batches, device)
+        entry = Measured(recipe, peak, _step_how(variant_cfg, teacher_dir))
+        if alternate:
+            measured.append(entry)
+        else:
+            entry.rates = _timed(recipe, args.rounds, args.steps, device, ceiling)
+            measured.append(entry.finish())
+            del recipe, entry
+            gc.collect()  # the trainer and its loader go before the next recipe is built
 
     # The reference recipe.
     amp_dtype, amp_how = reference_amp_dtype(args.reference_amp, device)
@@ -705,36 +733,119 @@ def _bench(args: argparse.Namespace, world, tmp: Path) -> None:
     else:
         ref_batches = step_batches()
     reference = ReferenceRecipe(cfg, num_classes, teacher_dir, ref_batches, device, amp_dtype)
-    ref_peak = _warm_up(reference, args.warmup, device, memory)
-    if alternate:
-        ref_rates: list[float] = []
-        for _ in _progress(args.rounds, "timed rounds"):
-            step_rates += _timed(step, 1, args.steps, device, ceiling)
-            ref_rates += _timed(reference, 1, args.steps, device, ceiling)
-        step_loss = step.mean_loss()
-    else:
-        ref_rates = _timed(reference, args.rounds, args.steps, device, ceiling)
-
-    print(f"matmul ceiling: {format_flops(ceiling.best)}/s ({ceiling.description})", flush=True)
-    step_time = Timing(step_rates, args.batch, step_peak, step_loss)
-    ref_time = Timing(ref_rates, args.batch, ref_peak, reference.mean_loss())
-    precision = "bf16" if bf16 else "fp32"
-    teacher_how = f"teacher {precision} channels_last" if teacher_dir else "no teacher"
-    step_how = (
-        f"DeepSpeed ZeRO {args.zero}, {precision}, "
-        f"{'compiled' if compile_student else 'eager'} student, {teacher_how}"
-    )
     ref_teacher = "no teacher"
     if teacher_dir:
         ref_teacher = "teacher fp32 weights" + (" under the same autocast" if amp_dtype else "")
-    ref_how = f"eager student, {amp_how}, {ref_teacher}, torch AdamW, loss.item() every step"
-    print(_figures("step", step_time, flops.total, ceiling.best, device, step_how))
-    print(_figures("reference", ref_time, flops.total, ceiling.best, device, ref_how))
-    step_mfu = 100 * step_time.images_per_s * flops.total / ceiling.best
-    ref_mfu = 100 * ref_time.images_per_s * flops.total / ceiling.best
-    print(f"ratio step/reference images/s: {step_time.images_per_s / ref_time.images_per_s:.2f}x")
+    ref = Measured(
+        reference,
+        _warm_up(reference, args.warmup, device, memory),
+        f"eager student, {amp_how}, {ref_teacher}, torch AdamW, loss.item() every step",
+    )
+    if alternate:
+        for _ in _progress(args.rounds, "timed rounds"):
+            for entry in [*measured, ref]:
+                entry.rates += _timed(entry.recipe, 1, args.steps, device, ceiling)
+        for entry in measured:
+            entry.finish()
+    else:
+        ref.rates = _timed(reference, args.rounds, args.steps, device, ceiling)
+    ref.finish()
+
+    print(f"matmul ceiling: {format_flops(ceiling.best)}/s ({ceiling.description})", flush=True)
+    for entry in [*measured, ref]:
+        variant_flops = (
+            flops
+            if entry is ref
+            else training_flops(
+                variants[entry.recipe.name], args.teacher if teacher_dir else "none", num_classes
+            )
+        )
+        print(
+            _figures(
+                entry.recipe.name,
+                entry.timing,
+                variant_flops.total,
+                ceiling.best,
+                device,
+                entry.how,
+            )
+        )
+    step = measured[0].timing
+    step_mfu = 100 * step.images_per_s * flops.total / ceiling.best
+    ref_mfu = 100 * ref.timing.images_per_s * flops.total / ceiling.best
+    print(f"ratio step/reference images/s: {step.images_per_s / ref.timing.images_per_s:.2f}x")
     print(f"ratio step/ceiling (MFU): {step_mfu:.2f}%")
-    print(f"ratio reference/ceiling (MFU): {ref_mfu:.2f}%", flush=True)
+    print(f"ratio reference/ceiling (MFU): {ref_mfu:.2f}%")
+    for entry in measured[1:]:
+        print(
+            f"ratio {entry.recipe.name}/step images/s: "
+            f"{entry.timing.images_per_s / step.images_per_s:.2f}x"
+        )
+    sys.stdout.flush()
+
+
+@dataclass
+class Measured:
+    """A recipe being measured: its untimed-warm-up peak memory, timed rates, and description."""
+
+    recipe: Any
+    peak_mib: float
+    how: str
+    rates: list[float] = field(default_factory=list)
+    timing: Timing | None = None
+
+    def finish(self) -> Measured:
+        """Read the mean loss (a device read: after timing) and drop a step recipe's trainer."""
+        self.timing = Timing(
+            self.rates, self.recipe.images_per_step, self.peak_mib, self.recipe.mean_loss()
+        )
+        self.recipe = _Finished(self.recipe.name)
+        return self
+
+
+class _Finished(NamedTuple):
+    name: str
+
+
+def training_flops(cfg, teacher: str, num_classes: int):
+    from deitlt_scale.benchmarks.flops import (
+        TrainingFlops,
+        student_forward_flops,
+        teacher_forward_flops,
+    )
+
+    size = cfg.data.image_size
+    return TrainingFlops(
+        student_forward_flops(cfg.model, num_classes, size),
+        teacher_forward_flops(teacher, num_classes, size) if teacher != "none" else 0,
+    )
+
+
+def _build_step(name, cfg, world, meta, args, step_batches, device) -> tuple[StepRecipe, float]:
+    """A step recipe built like `deitlt train` builds its trainer, after its warm-up steps."""
+    from deitlt_scale.engine.trainer import Trainer
+
+    memory = _Memory(device)
+    trainer = Trainer(cfg, world, meta=meta).build(with_data=args.shards is not None)
+    print(f"{name}: {_describe_student(trainer)}", flush=True)
+    batches = _epochs(trainer.train_loader) if args.shards else step_batches()
+    recipe = StepRecipe(trainer, batches, name)
+    return recipe, _warm_up(recipe, args.warmup, device, memory)
+
+
+def _step_how(cfg, teacher_dir: Path | None) -> str:
+    precision = "bf16" if cfg.deepspeed.bf16 else "fp32"
+    teacher = "no teacher"
+    if teacher_dir:
+        layout = "channels_last" if cfg.teacher.channels_last else "contiguous"
+        stream = ", side stream on cuda" if cfg.teacher.side_stream else ""
+        teacher = f"teacher {cfg.teacher.dtype} {layout}{stream}"
+    student = f"compiled ({cfg.model.compile_mode})" if cfg.model.compile else "eager"
+    fused = ", fused AdamW on cuda" if cfg.optim.fused and cfg.optim.name == "adamw" else ""
+    return (
+        f"DeepSpeed ZeRO {cfg.deepspeed.zero_stage}, {precision}, {student} student, "
+        f"{teacher}{fused}"
+    )
 
 
 def _timed(recipe, rounds: int, steps: int, device, ceiling: MatmulCeiling) -> list[float]:
