@@ -29,7 +29,7 @@ from typing import TYPE_CHECKING, Any, Literal
 
 import yaml
 
-from deitlt_scale.engine.checkpoint import COMPLETE, check_pickles, read_marker
+from deitlt_scale.engine.checkpoint import BEST, COMPLETE, best_dir, check_pickles, read_marker
 from deitlt_scale.errors import UserError
 
 if TYPE_CHECKING:
@@ -109,7 +109,7 @@ def newest_complete(root: Path, run_dir: Path | None = None) -> CheckpointRef | 
         done = _read_complete(tag_dir)
         if done is None:
             continue
-        key = (int(done["step"]), 0 if tag_dir.name == "best" else 1, tag_dir.name)
+        key = (int(done["step"]), 0 if tag_dir.name.startswith(BEST) else 1, tag_dir.name)
         if best is None or key > best:
             best = key
     return None if best is None else _ref(run_dir, root, best[2])
@@ -151,6 +151,8 @@ def find_checkpoint(source: str | Path, tag: str | None = None) -> CheckpointRef
                 "train until a checkpoint is written"
             )
         return found
+    if tag == BEST and (newest_best := best_dir(root)) is not None:
+        tag = newest_best.name
     return _ref(run_dir, root, tag)
 
 

@@ -71,3 +71,23 @@ def random_teacher(tmp_path_factory: pytest.TempPathFactory):
     model = create_teacher_arch("resnet32", 10)
     save_teacher(out, model, TeacherInfo("resnet32", 10, 32, label_space="model"))
     return out
+
+
+@pytest.fixture(scope="module")
+def world():
+    """One process group for this module's trainers; the launcher variables are restored after."""
+    import torch
+
+    from deitlt_scale.engine.distributed import init_distributed
+
+    keys = ("RANK", "LOCAL_RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")
+    saved = {k: os.environ.get(k) for k in keys}
+    created = not torch.distributed.is_initialized()
+    yield init_distributed("cuda" if torch.cuda.is_available() else "cpu")
+    if created and torch.distributed.is_initialized():
+        torch.distributed.destroy_process_group()
+    for key, value in saved.items():
+        if value is None:
+            os.environ.pop(key, None)
+        else:
+            os.environ[key] = value

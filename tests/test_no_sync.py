@@ -219,24 +219,6 @@ def report(events: list[SyncEvent]) -> str:
 # Fixtures
 
 
-@pytest.fixture(scope="module")
-def world():
-    """One process group for this module's trainers; the launcher variables are restored after."""
-    from deitlt_scale.engine.distributed import init_distributed
-
-    keys = ("RANK", "LOCAL_RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")
-    saved = {k: os.environ.get(k) for k in keys}
-    created = not torch.distributed.is_initialized()
-    yield init_distributed("cuda" if torch.cuda.is_available() else "cpu")
-    if created and torch.distributed.is_initialized():
-        torch.distributed.destroy_process_group()
-    for key, value in saved.items():
-        if value is None:
-            os.environ.pop(key, None)
-        else:
-            os.environ[key] = value
-
-
 def tiny_trainer(world, teacher: Path, run_dir: Path, device: str, **overrides: object):
     """A real Trainer (DeepSpeed engine, frozen ResNet-32 teacher) of a 2-block distilled DeiT at
     32 px, built without data loaders; logging steps never come (train.log_every is huge)."""

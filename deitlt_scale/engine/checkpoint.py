@@ -5,6 +5,10 @@ Layout: ``RUN_DIR/checkpoints/<tag>/`` is a DeepSpeed checkpoint (every rank wri
 Resume only ever considers tags with a COMPLETE marker, so a kill during a save loses at most the
 steps since the previous checkpoint and never yields a half-written one.
 
+The best checkpoint so far is ``best_step_XXXXXXXX``, and the tag ``best`` names the newest
+complete one: a new best is written beside the previous one, which is removed only once the new
+one is complete, so a kill during that save keeps the previous best.
+
 A save that fails for lack of space (or any other write error) removes its partial directory and
 raises :class:`CheckpointError`, a one-line message naming the checkpoint, the free space and the
 previous complete checkpoint, which stays intact and is what the next run resumes from.
@@ -59,6 +63,20 @@ def step_tag(step: int) -> str:
     return f"step_{step:08d}"
 
 
+def best_tag(step: int) -> str:
+    return f"{BEST}_{step_tag(step)}"
+
+
+def best_dir(root: Path) -> Path | None:
+    """The newest complete ``best_step_*`` directory under a checkpoints directory ``root``."""
+    found = [
+        (int(info["step"]), path)
+        for path in root.glob(f"{BEST}_step_*")
+        if (info := read_marker(path / COMPLETE)) is not None
+    ]
+    return max(found)[1] if found else None
+
+
 @dataclass(frozen=True)
 class CheckpointRef:
     tag: str
@@ -97,11 +115,13 @@ def find_checkpoint(run_dir: str | Path, tag: str) -> CheckpointRef | None:
     if tag == "latest":
         return latest_checkpoint(run_dir)
     path = Path(run_dir) / CHECKPOINTS / tag
+    if tag == BEST:
+        path = best_dir(path.parent) or path
     info = read_marker(path / COMPLETE)
     if info is None:
         return None
     return CheckpointRef(
-        tag, path, int(info["step"]), int(info["epoch"]), int(info.get("world_size", 0))
+        path.name, path, int(info["step"]), int(info["epoch"]), int(info.get("world_size", 0))
     )
 
 
@@ -121,7 +141,7 @@ def save(
     root = Path(run_dir) / CHECKPOINTS
     path = root / tag
     if is_main:
-        # Re-saving a tag (e.g. "best"): unmark it first so a kill mid-save leaves it incomplete.
+        # Re-saving a tag: unmark it first so a kill mid-save leaves it incomplete.
         (path / COMPLETE).unlink(missing_ok=True)
     barrier()
     try:
@@ -196,6 +216,17 @@ def _bytes(n: int) -> str:
         if size < 1024 or unit == "TiB":
             break
     return f"{size:.1f} {unit}"
+
+
+def save_best(engine: Any, run_dir: str | Path, **save_kwargs: Any) -> Path:
+    """Save the new best checkpoint (collective, as :func:`save`), then drop the older ones."""
+    path = save(engine, run_dir, best_tag(save_kwargs["step"]), **save_kwargs)
+    if save_kwargs["is_main"]:
+        for old in path.parent.glob(f"{BEST}_step_*"):
+            if old != path:
+                shutil.rmtree(old, ignore_errors=True)
+    barrier()
+    return path
 
 
 def prune(run_dir: str | Path, keep_last: int) -> None:

@@ -287,7 +287,7 @@ class Trainer:
             metric = result.metrics[self._headline_key()]
             if metric > self.state.best_metric:
                 self.state.best_metric, self.state.best_step = metric, self.state.step
-                self._save(epoch, tag=checkpoint.BEST)
+                self._save(epoch, best=True)
         if (epoch + 1) % cfg.checkpoint.every_epochs == 0 or done:
             self._save(epoch)
 
@@ -338,7 +338,7 @@ class Trainer:
             return "teacher/overall"
         return "mean/overall" if self.cfg.model.distilled else "cls/overall"
 
-    def _save(self, epoch: int, tag: str | None = None) -> None:
+    def _save(self, epoch: int, best: bool = False) -> None:
         if self._flags_pending is not None:
             # Never write a checkpoint from a step whose loss was not finite.
             pending, copied = self._flags_pending
@@ -352,17 +352,19 @@ class Trainer:
             # Lets deepspeed.checkpoint.ds_to_universal convert it for another world size.
             "universal_checkpoint_info": {"universal_checkpoint_version": 0.4},
         }
-        checkpoint.save(
-            self.engine,
-            self.run_dir,
-            tag or checkpoint.step_tag(self.state.step),
+        where = dict(
             step=self.state.step,
             epoch=epoch,
             world_size=self.world.world_size,
             client_state=client,
             is_main=self.world.is_main,
-            keep_last=None if tag else self.cfg.checkpoint.keep_last,
         )
+        if best:
+            checkpoint.save_best(self.engine, self.run_dir, **where)
+        else:
+            tag = checkpoint.step_tag(self.state.step)
+            keep = self.cfg.checkpoint.keep_last
+            checkpoint.save(self.engine, self.run_dir, tag, keep_last=keep, **where)
 
     def _resume_needs_universal(self) -> bool:
         ref = self.resume_from

@@ -114,7 +114,7 @@ def test_sigkill_during_evaluation_resumes_from_the_previous_checkpoint(killed):
     # Killed inside the evaluation: none of its outputs, no checkpoint of step 25.
     assert killed["eval_outputs_after_kill"] == []
     assert "step_00000025" not in killed["tags_after_eval_kill"]
-    assert "best" not in killed["tags_after_eval_kill"]
+    assert not any(tag.startswith("best") for tag in killed["tags_after_eval_kill"])
     third = killed["after_save_kill"]
     assert _resumed(third) == ("step_00000020", 20), third.describe()
     assert f"[step {EPOCH_END}] eval" in third.stdout
@@ -162,3 +162,43 @@ def test_sigkill_before_the_first_checkpoint_reruns_the_same_trajectory(
     killed = run.kill()
     assert not (run_dir / "checkpoints").exists()
     assert _step_lines(killed.stdout, 3) == _step_lines(start_run["stdout"], 3)
+
+
+@pytest.mark.fault(
+    "SIGKILL while a new best checkpoint is written",
+    "the previous best stays complete and is what --tag best loads; the next best replaces both",
+)
+def test_a_kill_while_saving_a_new_best_keeps_the_previous_best(
+    world, random_teacher, tmp_path, monkeypatch
+):
+    from test_no_sync import run_steps, synthetic_batch, tiny_trainer
+
+    from deitlt_scale import export
+    from deitlt_scale.engine import checkpoint
+
+    run_dir = tmp_path / "run"
+    trainer = tiny_trainer(world, random_teacher, run_dir, "cpu", **{"deepspeed.bf16": "false"})
+    batch = synthetic_batch(world.device)
+    run_steps(trainer, batch, 1)
+    trainer._save(epoch=0, best=True)
+    run_steps(trainer, batch, 1)
+    save_checkpoint = trainer.engine.save_checkpoint
+
+    def killed_before_the_marker(*args, **kwargs):
+        save_checkpoint(*args, **kwargs)  # every shard is on disk...
+        raise SystemExit(-9)  # ...and the process dies before COMPLETE is written
+
+    monkeypatch.setattr(trainer.engine, "save_checkpoint", killed_before_the_marker)
+    with pytest.raises(SystemExit):
+        trainer._save(epoch=0, best=True)
+    root = run_dir / "checkpoints"
+    bests = {p.name: (p / "COMPLETE").is_file() for p in root.glob("best*")}
+    assert bests == {"best_step_00000001": True, "best_step_00000002": False}
+    assert checkpoint.find_checkpoint(run_dir, "best").step == 1
+    assert export.find_checkpoint(run_dir, "best").tag == "best_step_00000001"
+
+    monkeypatch.setattr(trainer.engine, "save_checkpoint", save_checkpoint)
+    run_steps(trainer, batch, 1)
+    trainer._save(epoch=0, best=True)
+    assert [p.name for p in root.glob("best*")] == ["best_step_00000003"]
+    assert checkpoint.find_checkpoint(run_dir, "best").step == 3
