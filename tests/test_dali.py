@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import io
+import re
 import tarfile
 from collections.abc import Callable
 from pathlib import Path
@@ -560,3 +561,28 @@ def test_randaugment_ops_match_timms_at_magnitude_9(monkeypatch: pytest.MonkeyPa
             for c in candidates
         ]
         assert min(errors) < tolerance[name], (name, errors)
+
+
+# --------------------------------------------------------------------------------------------
+# deitlt bench data
+
+
+def test_bench_data_measures_both_loaders_and_prints_the_ratio_last(capsys) -> None:
+    from deitlt_scale.cli import main
+
+    argv = ["bench", "data", "--device", "cpu", "--image-size", "32", "--batch-size", "8",
+            "--batches", "3", "--warmup", "1", "--threads", "1", "--prefetch", "3",
+            "--source-size", "48", "64"]  # fmt: skip
+    assert main(argv) == 0
+    lines = capsys.readouterr().out.strip().splitlines()
+    assert "DALI prefetch depth 3, 3 timed batches after 1" in lines[0]
+    number = r"([0-9]+\.[0-9]+)"
+    dali = re.fullmatch(rf"dali \(cpu\): {number} images/s", lines[-3])
+    reference = re.fullmatch(
+        rf"reference \(DataLoader, 1 workers, PIL \+ timm\): {number} images/s", lines[-2]
+    )
+    ratio = re.fullmatch(rf"ratio dali/reference: {number}x", lines[-1])
+    assert dali and reference and ratio, lines
+    rates = [float(m.group(1)) for m in (dali, reference)]
+    assert all(rate > 0 for rate in rates)
+    assert float(ratio.group(1)) == pytest.approx(rates[0] / rates[1], abs=0.006)

@@ -15,6 +15,8 @@ import tempfile
 import time
 from pathlib import Path
 
+from deitlt_scale.config import DataConfig
+
 HELP = "images/s of the DALI train pipeline vs a torch DataLoader + PIL + timm reference"
 
 
@@ -48,6 +50,12 @@ def register(parser: argparse.ArgumentParser) -> None:
         type=int,
         default=2,
         help="DALI CPU threads and reference DataLoader workers (default 2)",
+    )
+    parser.add_argument(
+        "--prefetch",
+        type=int,
+        default=DataConfig.prefetch,
+        help=f"DALI prefetch queue depth, data.prefetch (default {DataConfig.prefetch})",
     )
     parser.add_argument(
         "--source-size",
@@ -132,18 +140,22 @@ def _time(batches, warmup: int, count: int, device, desc: str) -> float:
 def run(args: argparse.Namespace) -> int:
     import torch
 
-    from deitlt_scale.config import DataConfig
     from deitlt_scale.data import meta as meta_io
     from deitlt_scale.data.loader import TrainLoader, resolve_backend
     from deitlt_scale.data.reference import ReferenceLoader
     from deitlt_scale.errors import UserError
 
-    for flag in ("batches", "batch_size", "image_size", "threads"):
+    for flag in ("batches", "batch_size", "image_size", "threads", "prefetch"):
         if getattr(args, flag) < 1:
             raise UserError(f"--{flag.replace('_', '-')} must be >= 1")
     if args.warmup < 0:
         raise UserError("--warmup must be >= 0")
-    cfg = DataConfig(image_size=args.image_size, device=args.device, num_threads=args.threads)
+    cfg = DataConfig(
+        image_size=args.image_size,
+        device=args.device,
+        num_threads=args.threads,
+        prefetch=args.prefetch,
+    )
     backend = resolve_backend(cfg.device)
     device = (
         torch.device("cuda", torch.cuda.current_device())
@@ -169,7 +181,8 @@ def run(args: argparse.Namespace) -> int:
         print(
             f"shards: {origin} ({meta.num_samples('train')} train images in {len(tars)} shards); "
             f"image size {args.image_size}, batch {args.batch_size}, {args.threads} DALI "
-            f"threads / reference workers, {timed} timed batches after {args.warmup}",
+            f"threads / reference workers, DALI prefetch depth {args.prefetch}, {timed} timed "
+            f"batches after {args.warmup}",
             flush=True,
         )
         dali = TrainLoader(
