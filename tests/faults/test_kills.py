@@ -165,7 +165,7 @@ def test_sigkill_before_the_first_checkpoint_reruns_the_same_trajectory(
 
 
 @pytest.mark.fault(
-    "SIGKILL while a new best checkpoint is written",
+    "the process dies while a new best checkpoint is written (shards on disk, no COMPLETE yet)",
     "the previous best stays complete and is what --tag best loads; the next best replaces both",
 )
 def test_a_kill_while_saving_a_new_best_keeps_the_previous_best(
