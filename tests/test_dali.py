@@ -368,6 +368,15 @@ def test_crop_and_flip_statistics_match_the_configuration_and_the_reference(
     assert abs(float(dali_flip.float().mean() - ref_flip.float().mean())) < 0.15
 
 
+def test_reference_loader_is_endless_with_full_batches(small: DatasetMeta) -> None:
+    tars = [tar for tar, _ in small.shard_files("train")]  # 32 images in 4 shards
+    loader = ReferenceLoader(tars, make_config(**PLAIN), batch_size=12, num_workers=8, seed=0)
+    assert loader.num_workers == 4  # one shard per worker at least, else a worker starves
+    stream = iter(loader)
+    sizes = [next(stream).images.shape[0] for _ in range(6)]  # 72 images: over two passes
+    assert sizes == [12] * 6
+
+
 # --------------------------------------------------------------------------------------------
 # Devices and bad input
 

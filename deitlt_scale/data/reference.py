@@ -69,7 +69,9 @@ class ReferenceLoader:
         self.tars = [str(t) for t in tars]
         self.cfg = cfg
         self.batch_size = batch_size
-        self.num_workers = num_workers
+        # A worker without a shard of its own would give nothing, and the DataLoader would wait
+        # for it forever.
+        self.num_workers = min(num_workers, len(self.tars))
         self.seed = seed
         self.device = torch.device(device)
 
@@ -81,7 +83,6 @@ class ReferenceLoader:
             wds.WebDataset(
                 self.tars,
                 shardshuffle=len(self.tars),
-                repeat=True,  # endless: callers take as many batches as they need
                 seed=self.seed,
                 nodesplitter=None,
                 empty_check=False,
@@ -90,6 +91,7 @@ class ReferenceLoader:
             .decode("pil")
             .to_tuple("jpg", "cls")
             .map_tuple(transform, int)
+            .repeat()  # endless, so every batch is full: callers take as many as they need
         )
 
     def _seed_worker(self, worker_id: int) -> None:
