@@ -243,6 +243,24 @@ def test_resuming_mid_epoch_continues_the_same_batches(colours: DatasetMeta) -> 
         assert torch.allclose(a.images, b.images)
 
 
+def test_next_epoch_defined_in_the_background_gives_the_batches_of_a_fresh_definition(
+    colours: DatasetMeta,
+) -> None:
+    cfg = make_config()  # full recipe: RandAugment's conditionals are defined in the thread too
+    loader = train_loader(colours, cfg)
+    list(loader.epoch(0))
+    epoch, defined = loader._next
+    assert epoch == 1
+    ahead = defined.result()
+    continued = list(loader.epoch(1))  # runs the pipeline defined in the background
+    assert loader._next[0] == 2 and defined.result() is ahead
+    fresh = list(train_loader(colours, cfg).epoch(1))  # defined on this thread
+    assert len(continued) == len(fresh) == len(loader)
+    for a, b in zip(continued, fresh, strict=True):
+        assert torch.equal(a.labels, b.labels)
+        assert torch.equal(a.images, b.images)
+
+
 def test_start_at_the_end_yields_nothing(colours: DatasetMeta) -> None:
     loader = train_loader(colours, make_config(**PLAIN))
     assert list(loader.epoch(0, start=len(loader))) == []
@@ -586,12 +604,22 @@ def test_bench_data_measures_both_loaders_and_prints_the_ratio_last(capsys) -> N
     lines = capsys.readouterr().out.strip().splitlines()
     assert "DALI prefetch depth 3, 3 timed batches after 1" in lines[0]
     number = r"([0-9]+\.[0-9]+)"
-    dali = re.fullmatch(rf"dali \(cpu\): {number} images/s", lines[-3])
+    dali = re.fullmatch(rf"dali \(cpu\): {number} images/s", lines[-5])
     reference = re.fullmatch(
-        rf"reference \(DataLoader, 1 workers, PIL \+ timm\): {number} images/s", lines[-2]
+        rf"reference \(DataLoader, 1 workers, PIL \+ timm\): {number} images/s", lines[-4]
     )
+    epoch_start = re.fullmatch(
+        rf"epoch start \(wait for the first batch, 50 ms simulated step per batch\): {number} s "
+        rf"with the pipeline defined when the epoch starts, {number} s defined ahead during the "
+        "previous epoch",
+        lines[-3],
+    )
+    ahead_ratio = re.fullmatch(rf"ratio epoch start wait ahead/at start: {number}x", lines[-2])
     ratio = re.fullmatch(rf"ratio dali/reference: {number}x", lines[-1])
-    assert dali and reference and ratio, lines
+    assert dali and reference and epoch_start and ahead_ratio and ratio, lines
     rates = [float(m.group(1)) for m in (dali, reference)]
     assert all(rate > 0 for rate in rates)
     assert float(ratio.group(1)) == pytest.approx(rates[0] / rates[1], abs=0.006)
+    at_start, ahead = (float(v) for v in epoch_start.groups())
+    assert at_start > 0 and ahead > 0
+    assert float(ahead_ratio.group(1)) == pytest.approx(ahead / at_start, abs=0.006)

@@ -4,6 +4,11 @@ Both loaders read the same shards with the same recipe (the paper's strong augme
 size, batch size and number of CPU threads (DALI) / worker processes (reference). The first
 ``--warmup`` batches of each (pipeline build, worker start-up) are not timed. Figures are images
 per second; the ratio DALI / reference is printed last.
+
+Then the epoch start: the train loader makes a new pipeline every epoch, and defines the next
+epoch's while the current one runs. With a simulated training step of ``--step-ms`` per batch,
+the wait for each epoch's first batch (epochs 1-3 of 3-batch epochs) is measured with the pipeline
+defined ahead and defined when the epoch starts; the medians and their ratio are printed.
 """
 
 from __future__ import annotations
@@ -56,6 +61,12 @@ def register(parser: argparse.ArgumentParser) -> None:
         type=int,
         default=DataConfig.prefetch,
         help=f"DALI prefetch queue depth, data.prefetch (default {DataConfig.prefetch})",
+    )
+    parser.add_argument(
+        "--step-ms",
+        type=float,
+        default=50.0,
+        help="simulated training step per batch while measuring the epoch start (default 50)",
     )
     parser.add_argument(
         "--source-size",
@@ -137,6 +148,21 @@ def _time(batches, warmup: int, count: int, device, desc: str) -> float:
     return images / (time.perf_counter() - start)
 
 
+def _epoch_start_wait(loader, step_s: float, epochs: int = 3) -> float:
+    """Median seconds to an epoch's first batch over epochs 1..``epochs`` (epoch 0 pays one-time
+    costs), consuming each batch for ``step_s`` as a training step would."""
+    import statistics
+
+    waits = []
+    for epoch in range(epochs + 1):
+        start = time.perf_counter()
+        for i, _ in enumerate(loader.epoch(epoch)):
+            if i == 0 and epoch > 0:
+                waits.append(time.perf_counter() - start)
+            time.sleep(step_s)
+    return statistics.median(waits)
+
+
 def run(args: argparse.Namespace) -> int:
     import torch
 
@@ -150,6 +176,8 @@ def run(args: argparse.Namespace) -> int:
             raise UserError(f"--{flag.replace('_', '-')} must be >= 1")
     if args.warmup < 0:
         raise UserError("--warmup must be >= 0")
+    if args.step_ms < 0:
+        raise UserError("--step-ms must be >= 0")
     cfg = DataConfig(
         image_size=args.image_size,
         device=args.device,
@@ -206,5 +234,26 @@ def run(args: argparse.Namespace) -> int:
             f"reference (DataLoader, {workers} workers, PIL + timm): {ref_rate:.1f} images/s",
             flush=True,
         )
+        waits = {}
+        for ahead in (False, True):
+            loader = TrainLoader(
+                meta,
+                cfg,
+                micro_batch=args.batch_size,
+                micro_batches_per_epoch=min(3, available),
+                rank=0,
+                world_size=1,
+                seed=0,
+                device=device,
+                define_ahead=ahead,
+            )
+            waits[ahead] = _epoch_start_wait(loader, args.step_ms / 1000)
+        print(
+            f"epoch start (wait for the first batch, {args.step_ms:g} ms simulated step per "
+            f"batch): {waits[False]:.3f} s with the pipeline defined when the epoch starts, "
+            f"{waits[True]:.3f} s defined ahead during the previous epoch",
+            flush=True,
+        )
+    print(f"ratio epoch start wait ahead/at start: {waits[True] / waits[False]:.2f}x")
     print(f"ratio dali/reference: {dali_rate / ref_rate:.2f}x")
     return 0
