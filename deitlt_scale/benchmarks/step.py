@@ -674,7 +674,8 @@ def _bench(args: argparse.Namespace, world, tmp: Path) -> None:
     variants = {"step": cfg}
     for variant in args.ablate:
         variants[f"step[{variant}]"] = config(ablation_overrides(variant))
-    flops = training_flops(cfg, args.teacher if teacher_dir else "none", num_classes)
+    teacher_arch = args.teacher if teacher_dir else "none"
+    flops = training_flops(cfg, teacher_arch, num_classes)
     # Loaders keep prefetching while the other recipe runs, so with real data the recipes run
     # one after the other; synthetic batches allow alternating rounds (fair under varying load).
     alternate = args.shards is None
@@ -712,7 +713,8 @@ def _bench(args: argparse.Namespace, world, tmp: Path) -> None:
     measured: list[Measured] = []
     for name, variant_cfg in variants.items():
         recipe, peak = _build_step(name, variant_cfg, world, meta, args, step_batches, device)
-        entry = Measured(recipe, peak, _step_how(variant_cfg, teacher_dir))
+        how = _step_how(variant_cfg, teacher_dir, on_cuda)
+        entry = Measured(recipe, peak, how, training_flops(variant_cfg, teacher_arch, num_classes))
         if alternate:
             measured.append(entry)
         else:
@@ -740,6 +742,7 @@ def _bench(args: argparse.Namespace, world, tmp: Path) -> None:
         reference,
         _warm_up(reference, args.warmup, device, memory),
         f"eager student, {amp_how}, {ref_teacher}, torch AdamW, loss.item() every step",
+        flops,
     )
     if alternate:
         for _ in _progress(args.rounds, "timed rounds"):
@@ -753,23 +756,8 @@ def _bench(args: argparse.Namespace, world, tmp: Path) -> None:
 
     print(f"matmul ceiling: {format_flops(ceiling.best)}/s ({ceiling.description})", flush=True)
     for entry in [*measured, ref]:
-        variant_flops = (
-            flops
-            if entry is ref
-            else training_flops(
-                variants[entry.recipe.name], args.teacher if teacher_dir else "none", num_classes
-            )
-        )
-        print(
-            _figures(
-                entry.recipe.name,
-                entry.timing,
-                variant_flops.total,
-                ceiling.best,
-                device,
-                entry.how,
-            )
-        )
+        name, total = entry.recipe.name, entry.flops.total
+        print(_figures(name, entry.timing, total, ceiling.best, device, entry.how))
     step = measured[0].timing
     step_mfu = 100 * step.images_per_s * flops.total / ceiling.best
     ref_mfu = 100 * ref.timing.images_per_s * flops.total / ceiling.best
@@ -786,11 +774,13 @@ def _bench(args: argparse.Namespace, world, tmp: Path) -> None:
 
 @dataclass
 class Measured:
-    """A recipe being measured: its untimed-warm-up peak memory, timed rates, and description."""
+    """A recipe being measured: its untimed-warm-up peak memory, description, model FLOPs per
+    image and timed rates."""
 
     recipe: Any
     peak_mib: float
     how: str
+    flops: Any  # TrainingFlops
     rates: list[float] = field(default_factory=list)
     timing: Timing | None = None
 
@@ -833,15 +823,17 @@ def _build_step(name, cfg, world, meta, args, step_batches, device) -> tuple[Ste
     return recipe, _warm_up(recipe, args.warmup, device, memory)
 
 
-def _step_how(cfg, teacher_dir: Path | None) -> str:
+def _step_how(cfg, teacher_dir: Path | None, on_cuda: bool) -> str:
+    """What the step recipe runs; the side stream and fused AdamW act on CUDA only."""
     precision = "bf16" if cfg.deepspeed.bf16 else "fp32"
     teacher = "no teacher"
     if teacher_dir:
         layout = "channels_last" if cfg.teacher.channels_last else "contiguous"
-        stream = ", side stream on cuda" if cfg.teacher.side_stream else ""
+        stream = ", side stream" if cfg.teacher.side_stream and on_cuda else ""
         teacher = f"teacher {cfg.teacher.dtype} {layout}{stream}"
     student = f"compiled ({cfg.model.compile_mode})" if cfg.model.compile else "eager"
-    fused = ", fused AdamW on cuda" if cfg.optim.fused and cfg.optim.name == "adamw" else ""
+    fused = on_cuda and cfg.optim.fused and cfg.optim.name == "adamw"
+    fused = ", fused AdamW" if fused else ""
     return (
         f"DeepSpeed ZeRO {cfg.deepspeed.zero_stage}, {precision}, {student} student, "
         f"{teacher}{fused}"

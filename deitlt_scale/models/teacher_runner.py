@@ -21,7 +21,7 @@ from deitlt_scale.models.teachers import resize_for_teacher
 
 @dataclass
 class PendingLogits:
-    """Teacher logits (fp32) that may still be computing on ``stream``."""
+    """Teacher logits (fp32); with ``done`` set they may still be computing on a side stream."""
 
     logits: Tensor
     done: torch.cuda.Event | None = None
