@@ -20,7 +20,8 @@
 #   5. deitlt bench step --synthetic for DeiT-S and DeiT-B (batch 128, 224 px, ResNet-50 teacher)
 #      against the reference recipe, measured in the same process; then, if at least 150 s of
 #      the budget are left, DeiT-B's step without each optimisation (side stream, fused AdamW,
-#      bf16 channels_last teacher, compile) in the same rounds as the step (--ablate)
+#      bf16 channels_last teacher, compile) in the same rounds as the step (--ablate), and, if
+#      120 s are left, the compiled student with CUDA graphs (compile mode reduce-overhead)
 #   6. a summary table and the DeiT-B goals (>= 3000 images/s, >= 40% MFU, >= 2.5x reference)
 # The whole output is printed and written to $OUT/gpu_check.log (default build/gpu-check/).
 # Exit status: 0 when every step passed and the goals were met, 1 when a step failed, 3 when
@@ -140,6 +141,9 @@ main() {
     bench deit_base_distilled_patch16_224 128 --warmup 5 --steps 10 --rounds 3 \
     --ablate teacher.side_stream=false optim.fused=false \
     teacher.dtype=fp32,teacher.channels_last=false model.compile=false
+  run_if_budget 120 "compile mode reduce-overhead (CUDA graphs), DeiT-B/16, batch 128" 150 \
+    bench deit_base_distilled_patch16_224 128 --warmup 5 --steps 10 --rounds 3 \
+    --ablate model.compile_mode=reduce-overhead
 
   sleep 1 # let tee write the last benchmark lines before the summary reads them
   echo
