@@ -75,16 +75,18 @@ def random_teacher(tmp_path_factory: pytest.TempPathFactory):
 
 @pytest.fixture(scope="module")
 def world():
-    """The one-process world of trainers built inside a test module; the launcher variables are
-    restored after the module. The process group is made once and kept to the end of the
-    session: DeepSpeed holds on to the group it first saw, so a new one would not reach it."""
+    """One process group for the trainers built inside a test module; the launcher variables
+    are restored after."""
     import torch
 
-    from deitlt_scale.engine.distributed import init_distributed
+    from deitlt_scale.engine.distributed import init_distributed, shutdown_distributed
 
     keys = ("RANK", "LOCAL_RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")
     saved = {k: os.environ.get(k) for k in keys}
+    created = not torch.distributed.is_initialized()
     yield init_distributed("cuda" if torch.cuda.is_available() else "cpu")
+    if created:
+        shutdown_distributed()
     for key, value in saved.items():
         if value is None:
             os.environ.pop(key, None)

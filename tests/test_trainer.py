@@ -266,3 +266,26 @@ def test_resume_on_another_world_size_goes_through_a_universal_checkpoint(
     steps = losses(second.stdout)
     assert min(steps) == 5, "the resumed run continues after the converted step"
     assert not (run_dir / "checkpoints" / "universal_step_00000004").exists(), "pruned once stale"
+
+
+def test_a_second_training_in_the_same_process_after_shutdown(
+    random_teacher, tmp_path, monkeypatch
+):
+    """A notebook or an in-process sweep trains, shuts the process group down, and trains again:
+    the second engine must not reach for the groups DeepSpeed cached for the first."""
+    from test_no_sync import run_steps, synthetic_batch, tiny_trainer
+
+    from deitlt_scale.engine.distributed import init_distributed, shutdown_distributed
+
+    for key in ("RANK", "LOCAL_RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT"):
+        monkeypatch.delenv(key, raising=False)  # restored after the test
+    if torch.distributed.is_initialized():
+        shutdown_distributed()
+    for run in ("first", "second"):
+        world = init_distributed("cpu")
+        trainer = tiny_trainer(world, random_teacher, tmp_path / run, "cpu")
+        run_steps(trainer, synthetic_batch(world.device), 2)
+        trainer.finish_steps()
+        assert trainer.state.step == 2
+        shutdown_distributed()
+        assert not torch.distributed.is_initialized()

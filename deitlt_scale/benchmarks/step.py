@@ -618,7 +618,7 @@ def _warm_up(recipe, steps: int, device, memory: _Memory) -> float:
 def run(args: argparse.Namespace) -> int:
     import torch
 
-    from deitlt_scale.engine.distributed import init_distributed
+    from deitlt_scale.engine.distributed import init_distributed, shutdown_distributed
     from deitlt_scale.errors import UserError
 
     _check_args(args)
@@ -633,8 +633,8 @@ def run(args: argparse.Namespace) -> int:
         with tempfile.TemporaryDirectory(prefix="deitlt-bench-step-") as tmp:
             _bench(args, world, Path(tmp))
     finally:
-        if not was_initialised and torch.distributed.is_initialized():
-            torch.distributed.destroy_process_group()
+        if not was_initialised:
+            shutdown_distributed()
     return 0
 
 

@@ -22,11 +22,9 @@ def register(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    import torch.distributed as dist
-
     from deitlt_scale import config as config_mod
     from deitlt_scale.engine import checkpoint
-    from deitlt_scale.engine.distributed import init_distributed
+    from deitlt_scale.engine.distributed import init_distributed, shutdown_distributed
     from deitlt_scale.engine.evaluate import format_table
     from deitlt_scale.engine.trainer import Trainer, write_eval_outputs
     from deitlt_scale.errors import UserError
@@ -70,5 +68,4 @@ def run(args: argparse.Namespace) -> int:
             print(f"per-class accuracy: {out / 'per_class_latest.csv'}")
         return 0
     finally:
-        if dist.is_initialized():
-            dist.destroy_process_group()
+        shutdown_distributed()

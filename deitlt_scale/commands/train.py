@@ -90,10 +90,9 @@ def run_training(
         tracker.close("FINISHED" if code in (0, 75) else status)
         return code
     finally:
-        import torch.distributed as dist
+        from deitlt_scale.engine.distributed import shutdown_distributed
 
-        if dist.is_initialized():
-            dist.destroy_process_group()
+        shutdown_distributed()
 
 
 def _start_tracker(cfg, trainer, world, broadcast_object):

@@ -118,6 +118,18 @@ def init_distributed(device_request: str = "auto") -> World:
     return World(launch.rank, launch.local_rank, launch.world_size, device, backend)
 
 
+def shutdown_distributed() -> None:
+    """Destroy the process group through DeepSpeed, which also drops the groups it cached: after
+    a plain ``torch.distributed.destroy_process_group`` the next engine built in this process
+    would use a destroyed group."""
+    import deepspeed.comm
+
+    if deepspeed.comm.is_initialized():
+        deepspeed.comm.destroy_process_group()
+    elif torch.distributed.is_initialized():
+        torch.distributed.destroy_process_group()
+
+
 def deepspeed_config(cfg: Config, world_size: int) -> dict[str, Any]:
     """The DeepSpeed config from the typed config; the batch identity is checked here, once."""
     validate_world(cfg, world_size)
