@@ -84,7 +84,7 @@ class Trainer:
             # The newest checkpoint was written by another number of processes.
             self.ds_config["checkpoint"] = {"load_universal": True}
         self.compute_dtype = torch.bfloat16 if cfg.deepspeed.bf16 else torch.float32
-        self.teacher, self.teacher_info = components.build_teacher(cfg, self.meta, world.device)
+        self.teacher, _ = components.build_teacher(cfg, self.meta, world.device)
         torch.manual_seed(cfg.train.seed)  # the same initial weights for the same seed
         model = components.build_model(cfg, self.meta)
         self.model_spec = components.model_spec(cfg, self.meta)
