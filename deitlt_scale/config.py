@@ -330,19 +330,9 @@ def validate(cfg: Config) -> None:
     )
     _require(0 < a.eval_crop_pct <= 1, "data.augment.eval_crop_pct", "must be in (0, 1]")
     _require(cfg.checkpoint.keep_last >= 1, "checkpoint.keep_last", "must be >= 1")
-    if cfg.optim.sam_rho > 0:
-        _require(
-            t.task == "teacher" and cfg.deepspeed.zero_stage == 0 and t.grad_accum == 1,
-            "optim.sam_rho",
-            "> 0 needs train.task=teacher, deepspeed.zero_stage=0 and train.grad_accum=1 "
-            "(SAM perturbs the full, already reduced gradient)",
-        )
-    if t.task == "student" and d.type != "none":
-        _require(
-            cfg.model.distilled,
-            "model.distilled",
-            f"must be true for distill.type={d.type} (the DIST token learns from the teacher)",
-        )
+    from deitlt_scale.tasks import task_class  # the rules of each kind of run live with it
+
+    task_class(cfg).check(cfg)
 
 
 def validate_world(cfg: Config, world_size: int) -> None:

@@ -19,17 +19,22 @@ the trainer keeps them, are a state dict in the checkpoint's client state under 
 
 from __future__ import annotations
 
-import contextlib
 import json
 import shutil
-import sys
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
 
 import yaml
 
-from deitlt_scale.engine.checkpoint import BEST, COMPLETE, best_dir, check_pickles, read_marker
+from deitlt_scale.engine.checkpoint import (
+    CheckpointRef,
+    consolidate,
+    ema_state,
+    find_checkpoint,
+    load_strict,
+    zero_stage_of,
+)
 from deitlt_scale.errors import UserError
 
 if TYPE_CHECKING:
@@ -39,8 +44,6 @@ STUDENT_FILE = "student.json"
 WEIGHTS_FILE = "model.safetensors"
 CONFIG_FILE = "config.json"
 CARD_FILE = "README.md"
-EMA_KEY = "ema"
-_PREFIXES = ("module.", "_orig_mod.")
 _REQUIRED_STUDENT_KEYS = ("architecture", "num_classes", "img_size", "mean", "std")
 # Regularisation, not architecture: a fine-tuner chooses its own.
 _TRAINING_ONLY_ARGS = ("drop_rate", "drop_path_rate", "attn_drop_rate", "proj_drop_rate",
@@ -51,21 +54,6 @@ Dtype = Literal["fp32", "bf16"]
 
 class ExportError(UserError):
     """A checkpoint or run directory that cannot be exported; the message says why and what to do."""
-
-
-@dataclass(frozen=True)
-class CheckpointRef:
-    """One COMPLETE DeepSpeed checkpoint: ``root / tag`` with its step and epoch."""
-
-    run_dir: Path | None  # the run directory (holds student.json), when known
-    root: Path  # the directory passed to engine.save_checkpoint
-    tag: str
-    step: int
-    epoch: int | None
-
-    @property
-    def path(self) -> Path:
-        return self.root / self.tag
 
 
 @dataclass(frozen=True)
@@ -80,171 +68,6 @@ class ExportResult:
 
 
 # --------------------------------------------------------------------------------------------
-# Locating checkpoints
-
-
-def _read_complete(tag_dir: Path) -> dict[str, Any] | None:
-    return read_marker(tag_dir / COMPLETE)
-
-
-def _ref(run_dir: Path | None, root: Path, tag: str) -> CheckpointRef:
-    done = _read_complete(root / tag)
-    if done is None:
-        if not (root / tag).is_dir():
-            known = sorted(p.name for p in root.iterdir() if p.is_dir()) if root.is_dir() else []
-            raise ExportError(
-                f"checkpoint tag {tag!r} not found in {root}; available: {', '.join(known) or 'none'}"
-            )
-        raise ExportError(
-            f"checkpoint {root / tag} is incomplete (no valid {COMPLETE} marker, the save did not "
-            "finish); pick another with --tag"
-        )
-    return CheckpointRef(run_dir, root, tag, int(done["step"]), done.get("epoch"))
-
-
-def newest_complete(root: Path, run_dir: Path | None = None) -> CheckpointRef | None:
-    """The COMPLETE checkpoint with the highest step under ``root`` (a ``step_*`` tag wins a tie)."""
-    best: tuple[int, int, str] | None = None
-    for tag_dir in root.iterdir() if root.is_dir() else ():
-        done = _read_complete(tag_dir)
-        if done is None:
-            continue
-        key = (int(done["step"]), 0 if tag_dir.name.startswith(BEST) else 1, tag_dir.name)
-        if best is None or key > best:
-            best = key
-    return None if best is None else _ref(run_dir, root, best[2])
-
-
-def find_checkpoint(source: str | Path, tag: str | None = None) -> CheckpointRef:
-    """Resolve a run directory, a checkpoints directory or one tag directory to a checkpoint.
-
-    ``tag``: ``None`` or ``"latest"`` picks the newest COMPLETE checkpoint; ``"best"`` or
-    ``"step_00001234"`` names one, which must be COMPLETE.
-    """
-    source = Path(source)
-    if not source.exists():
-        raise ExportError(
-            f"{source} does not exist; pass a run directory or a checkpoint directory"
-        )
-    if (source / "checkpoints").is_dir():
-        run_dir: Path | None = source
-        root = source / "checkpoints"
-    elif (source / COMPLETE).exists() or list(source.glob("*model_states.pt")):
-        if tag not in (None, "latest", source.name):
-            raise ExportError(f"{source} is checkpoint {source.name!r} but --tag {tag} was given")
-        root, tag = source.parent, source.name
-        run_dir = root.parent
-    elif source.is_dir() and any(p.is_dir() for p in source.iterdir()):
-        run_dir, root = source.parent, source
-    else:
-        raise ExportError(
-            f"{source} holds no DeepSpeed checkpoints; pass RUN_DIR, RUN_DIR/checkpoints or "
-            "RUN_DIR/checkpoints/<tag>"
-        )
-    if run_dir is not None and not (run_dir / STUDENT_FILE).is_file():
-        run_dir = None
-    if tag in (None, "latest"):
-        found = newest_complete(root, run_dir)
-        if found is None:
-            raise ExportError(
-                f"no COMPLETE checkpoint in {root} (a save that did not finish is never used); "
-                "train until a checkpoint is written"
-            )
-        return found
-    if tag == BEST and (newest_best := best_dir(root)) is not None:
-        tag = newest_best.name
-    return _ref(run_dir, root, tag)
-
-
-# --------------------------------------------------------------------------------------------
-# Reading weights
-
-
-def strip_prefixes(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """Remove DeepSpeed/DDP ``module.`` and torch.compile ``_orig_mod.`` prefixes (any order)."""
-    out = {}
-    for key, value in state.items():
-        name = key
-        changed = True
-        while changed:
-            changed = False
-            for prefix in _PREFIXES:
-                if name.startswith(prefix):
-                    name = name[len(prefix) :]
-                    changed = True
-        if name in out:
-            raise ExportError(f"two checkpoint tensors map to {name!r} after removing prefixes")
-        out[name] = value
-    return out
-
-
-def _model_states_file(ckpt: Path) -> Path:
-    for name in ("mp_rank_00_model_states.pt", "zero_pp_rank_0_mp_rank_00_model_states.pt"):
-        if (ckpt / name).is_file():
-            return ckpt / name
-    raise ExportError(f"{ckpt} has no DeepSpeed model states file (mp_rank_00_model_states.pt)")
-
-
-def _load_pickle(path: Path) -> dict[str, Any]:
-    import torch
-
-    # DeepSpeed's format is pickled Python objects (configs, optimizer state): scanned first,
-    # so that a file referring to anything beyond tensors and DeepSpeed's state classes is
-    # refused before it is unpickled. The export itself is pickle-free.
-    check_pickles(path.parent)
-    state = torch.load(path, map_location="cpu", weights_only=False)
-    if not isinstance(state, dict):
-        raise ExportError(f"{path} is not a DeepSpeed model states file")
-    return state
-
-
-def zero_stage_of(ckpt: Path) -> int:
-    """The ZeRO stage a checkpoint was written with (from the saved DeepSpeed config)."""
-    states = _load_pickle(_model_states_file(ckpt))
-    stage = (states.get("ds_config") or {}).get("zero_optimization", {}).get("stage")
-    if stage is None:
-        stage = 1 if list(ckpt.glob("*optim_states.pt")) else 0
-    return int(stage)
-
-
-def consolidate(ckpt: Path) -> tuple[dict[str, torch.Tensor], int]:
-    """The full student state dict of one checkpoint directory (fp32 for ZeRO 1-3) and its stage.
-
-    ZeRO 1-3 and bf16 runs read the fp32 master partitions of every rank; stage 0 without an
-    optimizer partition file reads the module states as saved.
-    """
-    stage = zero_stage_of(ckpt)
-    if stage >= 1 or list(ckpt.glob("*zero_pp_rank_*optim_states.pt")):
-        from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
-
-        # zero_to_fp32 reports progress on stdout; keep stdout for the command's own output.
-        with contextlib.redirect_stdout(sys.stderr):
-            check_pickles(ckpt)
-            state = get_fp32_state_dict_from_zero_checkpoint(str(ckpt.parent), tag=ckpt.name)
-    else:
-        state = dict(_load_pickle(_model_states_file(ckpt))["module"])
-    return strip_prefixes(state), stage
-
-
-def ema_state(ckpt: Path) -> dict[str, torch.Tensor]:
-    """The EMA weights saved in the checkpoint's client state, or an ExportError."""
-    import torch
-
-    states = _load_pickle(_model_states_file(ckpt))
-    ema = states.get(EMA_KEY)
-    if isinstance(ema, dict) and isinstance(ema.get("state_dict"), dict):
-        ema = ema["state_dict"]
-    if not isinstance(ema, dict) or not ema:
-        raise ExportError(
-            f"checkpoint {ckpt} holds no EMA weights (no '{EMA_KEY}' in its client state); "
-            "export without --ema, or train with EMA enabled"
-        )
-    if not all(isinstance(v, torch.Tensor) for v in ema.values()):
-        raise ExportError(f"checkpoint {ckpt}: client state '{EMA_KEY}' is not a state dict")
-    return strip_prefixes({k: v.float() for k, v in ema.items()})
-
-
-# --------------------------------------------------------------------------------------------
 # Writing the export
 
 
@@ -256,6 +79,11 @@ def read_student(run_dir: Path | None, ckpt: CheckpointRef) -> dict[str, Any]:
             f"{STUDENT_FILE} (pass RUN_DIR, or keep checkpoints/ inside it)"
         )
     path = run_dir / STUDENT_FILE
+    if not path.is_file():
+        raise ExportError(
+            f"{run_dir} has no {STUDENT_FILE}: export takes student runs of `deitlt train` "
+            "(teacher runs hand on RUN_DIR/teacher instead)"
+        )
     try:
         student = json.loads(path.read_text())
     except json.JSONDecodeError as err:
@@ -285,15 +113,6 @@ def build_model(student: dict[str, Any]) -> torch.nn.Module:
             f"student.json describes a model timm cannot build ({student['architecture']}, "
             f"{args}): {err}"
         ) from None
-
-
-def load_strict(model: torch.nn.Module, state: dict[str, torch.Tensor], what: str) -> None:
-    result = model.load_state_dict(state, strict=False)
-    if result.missing_keys or result.unexpected_keys:
-        raise ExportError(
-            f"{what} does not match student.json's model: missing {result.missing_keys[:5]}, "
-            f"unexpected {result.unexpected_keys[:5]}"
-        )
 
 
 def export(

@@ -19,7 +19,8 @@ from safetensors.torch import load_file
 from timm.layers import resample_abs_pos_embed
 
 from deitlt_scale import cli
-from deitlt_scale.export import ExportError, export, find_checkpoint, strip_prefixes
+from deitlt_scale.engine.checkpoint import CheckpointError, find_checkpoint, strip_prefixes
+from deitlt_scale.export import export
 from deitlt_scale.tracking import read_run_id
 
 pytest_plugins = ["mlflow_fixture"]
@@ -206,7 +207,7 @@ def test_ema_export_holds_the_ema_weights(runs, tmp_path):
 
 @pytest.mark.slow
 def test_ema_without_ema_weights_is_a_clear_error(runs, tmp_path):
-    with pytest.raises(ExportError, match="holds no EMA weights"):
+    with pytest.raises(CheckpointError, match="holds no EMA weights"):
         export(runs[3], tmp_path / "ema", ema=True)
     assert not (tmp_path / "ema").exists()
 
@@ -234,12 +235,12 @@ def test_default_checkpoint_is_the_newest_complete_one(runs, tmp_path):
 @pytest.mark.slow
 def test_a_checkpoint_without_complete_is_never_used(runs, tmp_path):
     copy = _fake_tags(runs[0], tmp_path)
-    with pytest.raises(ExportError, match="incomplete"):
+    with pytest.raises(CheckpointError, match="incomplete"):
         export(copy, tmp_path / "out", tag="step_00000003")
 
 
 def test_a_directory_without_checkpoints_is_a_clear_error(tmp_path):
-    with pytest.raises(ExportError, match="holds no DeepSpeed checkpoints"):
+    with pytest.raises(CheckpointError, match="holds no DeepSpeed checkpoints"):
         find_checkpoint(tmp_path)
 
 

@@ -71,8 +71,7 @@ def losses(stdout: str) -> dict[int, float]:
 
 
 def final_weights(run_dir: Path) -> dict[str, torch.Tensor]:
-    from deitlt_scale.engine.checkpoint import latest_checkpoint
-    from deitlt_scale.export import consolidate
+    from deitlt_scale.engine.checkpoint import consolidate, latest_checkpoint
 
     ref = latest_checkpoint(run_dir)
     assert ref is not None, f"no complete checkpoint in {run_dir}"

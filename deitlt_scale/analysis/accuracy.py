@@ -7,11 +7,15 @@ from collections.abc import Sequence
 import numpy as np
 from torch import Tensor
 
+from deitlt_scale.engine.evaluate import ClassCounts
+from deitlt_scale.models.student import StudentOutput, head_logits
+
 PREDICTORS = ("cls", "dist", "mean")  # "mean" predicts from (cls_logits + dist_logits) / 2
 
 
 class PerClassAccuracy:
-    """Running per-class top-1 accuracy for each predictor.
+    """Per-class top-1 accuracy of the CLS, DIST and averaged predictors (the trainer's
+    :class:`~deitlt_scale.engine.evaluate.ClassCounts`, read on the host).
 
     Accuracy of class ``c`` = correct predictions on eval images of class ``c`` / eval images of
     class ``c``, so group means are unweighted means over classes, as the paper reports them.
@@ -19,26 +23,24 @@ class PerClassAccuracy:
 
     def __init__(self, num_classes: int) -> None:
         self.num_classes = num_classes
-        self.total = np.zeros(num_classes, dtype=np.int64)
-        self.correct = {name: np.zeros(num_classes, dtype=np.int64) for name in PREDICTORS}
+        self.counts = ClassCounts(num_classes)
+
+    @property
+    def total(self) -> np.ndarray:
+        return self.counts.totals.long().numpy()
 
     def update(self, cls_logits: Tensor, dist_logits: Tensor | None, labels: Tensor) -> None:
         """Add one batch; a model without a DIST head predicts with CLS for all three."""
-        y = labels.detach().cpu().numpy().astype(np.int64)
-        if y.size and (y.min() < 0 or y.max() >= self.num_classes):
+        y = labels.detach().cpu().long()
+        if y.numel() and (int(y.min()) < 0 or int(y.max()) >= self.num_classes):
             raise ValueError(f"labels must be in [0, {self.num_classes}), got {y.min()}..{y.max()}")
-        np.add.at(self.total, y, 1)
         dist = cls_logits if dist_logits is None else dist_logits
-        logits = {"cls": cls_logits, "dist": dist, "mean": (cls_logits + dist) / 2}
-        for name, z in logits.items():
-            hit = (z.detach().argmax(dim=-1).cpu().numpy() == y).astype(np.int64)
-            np.add.at(self.correct[name], y, hit)
+        logits = head_logits(StudentOutput(cls_logits, dist, cls_logits, cls_logits))
+        self.counts.add({k: v.detach().cpu() for k, v in logits.items()}, y)
 
     def compute(self) -> dict[str, np.ndarray]:
         """Per-class accuracy in ``[0, 1]`` for each predictor, NaN for classes without images."""
-        seen = self.total > 0
-        denom = np.maximum(self.total, 1)
-        return {name: np.where(seen, hits / denom, np.nan) for name, hits in self.correct.items()}
+        return {name: acc.numpy() for name, acc in self.counts.accuracy().items()}
 
 
 def group_bands(

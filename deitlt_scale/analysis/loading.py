@@ -179,13 +179,8 @@ def as_student(model: nn.Module) -> nn.Module:
 def _load_run(path: Path, tag: str | None) -> Subject:
     """The student of checkpoint ``tag`` (default: newest complete), consolidated as the export
     consolidates it, so that a run and its export analyse identically."""
-    from deitlt_scale.export import (
-        build_model,
-        consolidate,
-        find_checkpoint,
-        load_strict,
-        read_student,
-    )
+    from deitlt_scale.engine.checkpoint import consolidate, find_checkpoint, load_strict
+    from deitlt_scale.export import build_model, read_student
 
     ref = find_checkpoint(path, tag)
     student = read_student(ref.run_dir, ref)

@@ -16,6 +16,7 @@ import torch
 from torch import Tensor, nn
 
 from deitlt_scale.errors import UserError
+from deitlt_scale.models.student import attention_probs
 
 
 @dataclass
@@ -45,11 +46,7 @@ def explicit_attention(attn: nn.Module, x: Tensor) -> Tensor:
             f"cannot read attention maps from {type(attn).__name__}: it lacks one of {needed}; "
             "analyse a timm ViT/DeiT or a deitlt student"
         )
-    b, t, _ = x.shape
-    qkv = attn.qkv(x).reshape(b, t, 3, attn.num_heads, attn.head_dim).permute(2, 0, 3, 1, 4)
-    q, k = qkv[0], qkv[1]
-    q, k = attn.q_norm(q), attn.k_norm(k)
-    return ((q * attn.scale) @ k.transpose(-2, -1)).float().softmax(dim=-1)
+    return attention_probs(attn, x)
 
 
 class ViTProbe:

@@ -91,7 +91,8 @@ def run(args: argparse.Namespace) -> int:
         from deitlt_scale.commands.train import run_training
 
         return int(
-            run_training(args.recipe, args.overrides, task="teacher", dry_run=args.dry_run) or 0
+            run_training(args.recipe, args.overrides, command="teacher train", dry_run=args.dry_run)
+            or 0
         )
     return _import(args)
 

@@ -38,18 +38,21 @@ def run(args: argparse.Namespace) -> int:
 def run_training(
     recipe: str | Path,
     overrides: list[str] | tuple[str, ...] = (),
-    task: str | None = None,
+    command: str = "train",
     dry_run: bool = False,
 ) -> int:
-    """Load the recipe, set up the process group, build, train; returns the exit status."""
+    """Load the recipe, set up the process group, build, train; returns the exit status.
+
+    ``command`` is the CLI verb that was run (``train`` or ``teacher train``): a recipe of
+    another kind of run is refused with the verb it needs.
+    """
     from deitlt_scale import config as config_mod
+    from deitlt_scale import tasks
     from deitlt_scale.engine.distributed import broadcast_object, init_distributed
     from deitlt_scale.engine.trainer import EXIT_NONFINITE, NonFiniteLoss, Trainer
-    from deitlt_scale.errors import UserError
 
     cfg = config_mod.load(recipe, overrides)
-    if task is not None and cfg.train.task != task:
-        raise UserError(f"{recipe} sets train.task={cfg.train.task}; this command trains a {task}")
+    tasks.require_command(cfg, recipe, command)
     world = init_distributed(cfg.runtime.device)
     try:
         trainer = Trainer(cfg, world).build()
@@ -66,9 +69,7 @@ def run_training(
         if world.is_main:
             run_dir.mkdir(parents=True, exist_ok=True)
             config_mod.dump(cfg, run_dir / "config.yaml")
-            spec = (
-                run_dir / "student.json" if cfg.train.task == "student" else run_dir / "model.json"
-            )
+            spec = run_dir / trainer.task.spec_file
             spec.write_text(json.dumps(trainer.model_spec, indent=1))
         tracker = _start_tracker(cfg, trainer, world, broadcast_object)
         status = "FINISHED"
@@ -77,9 +78,11 @@ def run_training(
         except NonFiniteLoss as err:
             print(f"deitlt train: error: {err}", file=sys.stderr, flush=True)
             status, code = "FAILED", EXIT_NONFINITE
-        if code == 0 and cfg.train.task == "teacher" and world.is_main:
-            path = _save_trained_teacher(cfg, trainer)
-            print(f"teacher file: {path}", flush=True)
+        if code == 0 and world.is_main:
+            module = trainer.engine.module
+            handed_on = trainer.task.save_outputs(getattr(module, "_orig_mod", module), run_dir)
+            if handed_on is not None:
+                print(f"{trainer.task.name} file: {handed_on}", flush=True)
         if world.is_main:
             if code == 0:
                 print(f"done: {trainer.state.step} steps; outputs in {run_dir}", flush=True)
@@ -109,23 +112,3 @@ def _start_tracker(cfg, trainer, world, broadcast_object):
         return tracker
     run_id = broadcast_object(None)
     return Tracker.start(cfg.tracking, trainer.run_dir, {}, tags, rank=world.rank, run_id=run_id)
-
-
-def _save_trained_teacher(cfg, trainer) -> Path:
-    from deitlt_scale.models.teacher_file import TeacherInfo, save_teacher
-
-    module = trainer.engine.module
-    module = getattr(module, "_orig_mod", module)
-    info = TeacherInfo(
-        arch=cfg.model.arch,
-        num_classes=trainer.num_classes,
-        input_size=cfg.data.image_size,
-        mean=tuple(cfg.data.mean),
-        std=tuple(cfg.data.std),
-        normed=cfg.distill.teacher_loss == "ldam",
-        label_space="model",
-        source=f"deitlt teacher train ({trainer.run_dir})",
-    )
-    out = trainer.run_dir / "teacher"
-    save_teacher(out, module.float(), info)
-    return out

@@ -20,6 +20,7 @@ class or function beyond torch's ``weights_only`` allow-list and DeepSpeed's own
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import json
 import os
@@ -30,12 +31,17 @@ import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from deitlt_scale.engine.distributed import barrier
 from deitlt_scale.errors import UserError
 
+if TYPE_CHECKING:
+    import torch
+
 CHECKPOINTS = "checkpoints"
+EMA_KEY = "ema"  # client-state key of EMA weights, when a run keeps them
+_PREFIXES = ("module.", "_orig_mod.")  # DeepSpeed/DDP and torch.compile wrappers
 COMPLETE = "COMPLETE"
 BEST = "best"
 
@@ -79,50 +85,113 @@ def best_dir(root: Path) -> Path | None:
 
 @dataclass(frozen=True)
 class CheckpointRef:
+    """One COMPLETE DeepSpeed checkpoint directory ``path`` (= ``root / tag``)."""
+
     tag: str
     path: Path
     step: int
-    epoch: int
-    world_size: int
+    epoch: int | None
+    world_size: int  # processes that wrote it (0 when not recorded)
+    run_dir: Path | None = None  # the run directory holding it, when it is one
+
+    @property
+    def root(self) -> Path:
+        """The directory handed to ``engine.save_checkpoint`` / ``load_checkpoint``."""
+        return self.path.parent
 
 
-def complete_checkpoints(run_dir: str | Path) -> list[CheckpointRef]:
-    """Complete step checkpoints of a run, oldest first ("best" excluded)."""
-    root = Path(run_dir) / CHECKPOINTS
-    refs = []
-    for marker in root.glob(f"step_*/{COMPLETE}"):
-        info = read_marker(marker)
-        if info is not None:
-            refs.append(
-                CheckpointRef(
-                    marker.parent.name,
-                    marker.parent,
-                    int(info["step"]),
-                    int(info["epoch"]),
-                    int(info.get("world_size", 0)),
-                )
-            )
-    return sorted(refs, key=lambda r: r.step)
-
-
-def latest_checkpoint(run_dir: str | Path) -> CheckpointRef | None:
-    refs = complete_checkpoints(run_dir)
-    return refs[-1] if refs else None
-
-
-def find_checkpoint(run_dir: str | Path, tag: str) -> CheckpointRef | None:
-    """``tag`` is "latest", "best" or a step tag; None when absent or incomplete."""
-    if tag == "latest":
-        return latest_checkpoint(run_dir)
-    path = Path(run_dir) / CHECKPOINTS / tag
-    if tag == BEST:
-        path = best_dir(path.parent) or path
+def _complete_ref(path: Path, run_dir: Path | None = None) -> CheckpointRef | None:
     info = read_marker(path / COMPLETE)
     if info is None:
         return None
+    epoch = info.get("epoch")
     return CheckpointRef(
-        path.name, path, int(info["step"]), int(info["epoch"]), int(info.get("world_size", 0))
+        path.name,
+        path,
+        int(info["step"]),
+        None if epoch is None else int(epoch),
+        int(info.get("world_size", 0)),
+        run_dir,
     )
+
+
+def complete_checkpoints(run_dir: str | Path) -> list[CheckpointRef]:
+    """Complete step checkpoints of a run (``step_*``, the ones retention prunes), oldest first."""
+    root = Path(run_dir) / CHECKPOINTS
+    refs = [ref for p in root.glob("step_*") if (ref := _complete_ref(p)) is not None]
+    return sorted(refs, key=lambda r: r.step)
+
+
+def newest_complete(root: Path, run_dir: Path | None = None) -> CheckpointRef | None:
+    """The latest checkpoint under a checkpoints directory: the COMPLETE ``step_*`` or
+    ``best_step_*`` with the highest step (a ``step_*`` tag wins a tie). Resume, eval, export and
+    analysis all mean this by "latest"."""
+    found = []
+    for pattern in ("step_*", f"{BEST}_step_*"):
+        for path in root.glob(pattern):
+            if (ref := _complete_ref(path, run_dir)) is not None:
+                found.append(((ref.step, ref.tag.startswith("step_"), ref.tag), ref))
+    return max(found, key=lambda item: item[0])[1] if found else None
+
+
+def latest_checkpoint(run_dir: str | Path) -> CheckpointRef | None:
+    """The checkpoint a run resumes from (see :func:`newest_complete`), or None."""
+    return newest_complete(Path(run_dir) / CHECKPOINTS, Path(run_dir))
+
+
+def find_checkpoint(source: str | Path, tag: str | None = None) -> CheckpointRef:
+    """Resolve a run directory, a checkpoints directory or one tag directory to a checkpoint.
+
+    ``tag``: ``None`` or ``"latest"`` picks :func:`newest_complete`; ``"best"`` the newest
+    complete ``best_step_*``; ``"step_00001234"`` (or any tag) names one, which must be COMPLETE.
+    Raises :class:`CheckpointError` saying what exists instead.
+    """
+    source = Path(source)
+    if not source.exists():
+        raise CheckpointError(
+            f"{source} does not exist; pass a run directory or a checkpoint directory"
+        )
+    if (source / CHECKPOINTS).is_dir():
+        run_dir: Path | None = source
+        root = source / CHECKPOINTS
+    elif (source / COMPLETE).exists() or list(source.glob("*model_states.pt")):
+        if tag not in (None, "latest", source.name):
+            raise CheckpointError(
+                f"{source} is checkpoint {source.name!r} but --tag {tag} was given"
+            )
+        root, tag = source.parent, source.name
+        run_dir = root.parent
+    elif source.is_dir() and any(p.is_dir() for p in source.iterdir()):
+        run_dir, root = source.parent, source
+    else:
+        raise CheckpointError(
+            f"{source} holds no DeepSpeed checkpoints; pass RUN_DIR, RUN_DIR/{CHECKPOINTS} or "
+            f"RUN_DIR/{CHECKPOINTS}/<tag>"
+        )
+    if run_dir is not None and not (run_dir / "config.yaml").is_file():
+        run_dir = None
+    if tag in (None, "latest"):
+        found = newest_complete(root, run_dir)
+        if found is None:
+            raise CheckpointError(
+                f"no {COMPLETE} checkpoint in {root} (a save that did not finish is never used); "
+                "train until a checkpoint is written"
+            )
+        return found
+    if tag == BEST and (newest_best := best_dir(root)) is not None:
+        tag = newest_best.name
+    ref = _complete_ref(root / tag, run_dir)
+    if ref is None:
+        if not (root / tag).is_dir():
+            known = sorted(p.name for p in root.iterdir() if p.is_dir()) if root.is_dir() else []
+            raise CheckpointError(
+                f"checkpoint tag {tag!r} not found in {root}; available: {', '.join(known) or 'none'}"
+            )
+        raise CheckpointError(
+            f"checkpoint {root / tag} is incomplete (no valid {COMPLETE} marker, the save did not "
+            "finish); pick another with --tag"
+        )
+    return ref
 
 
 def save(
@@ -264,7 +333,7 @@ def to_universal(ref: CheckpointRef, is_main: bool) -> CheckpointRef:
         shutil.rmtree(out, ignore_errors=True)
         partial.replace(out)
     barrier()
-    return CheckpointRef(out.name, out, ref.step, ref.epoch, ref.world_size)
+    return CheckpointRef(out.name, out, ref.step, ref.epoch, ref.world_size, ref.run_dir)
 
 
 def check_pickles(path: str | Path) -> None:
@@ -334,3 +403,100 @@ def _fsync_tree(path: Path) -> None:
     for file in path.rglob("*"):
         if file.is_file():
             _fsync_file(file)
+
+
+# --------------------------------------------------------------------------------------------
+# Reading weights (export, eval, analysis)
+
+
+def strip_prefixes(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Remove DeepSpeed/DDP ``module.`` and torch.compile ``_orig_mod.`` prefixes (any order)."""
+    out = {}
+    for key, value in state.items():
+        name = key
+        changed = True
+        while changed:
+            changed = False
+            for prefix in _PREFIXES:
+                if name.startswith(prefix):
+                    name = name[len(prefix) :]
+                    changed = True
+        if name in out:
+            raise CheckpointError(f"two checkpoint tensors map to {name!r} after removing prefixes")
+        out[name] = value
+    return out
+
+
+def _model_states_file(ckpt: Path) -> Path:
+    for name in ("mp_rank_00_model_states.pt", "zero_pp_rank_0_mp_rank_00_model_states.pt"):
+        if (ckpt / name).is_file():
+            return ckpt / name
+    raise CheckpointError(f"{ckpt} has no DeepSpeed model states file (mp_rank_00_model_states.pt)")
+
+
+def _load_pickle(path: Path) -> dict[str, Any]:
+    import torch
+
+    # DeepSpeed's format is pickled Python objects (configs, optimizer state): scanned first,
+    # so that a file referring to anything beyond tensors and DeepSpeed's state classes is
+    # refused before it is unpickled. The export itself is pickle-free.
+    check_pickles(path.parent)
+    state = torch.load(path, map_location="cpu", weights_only=False)
+    if not isinstance(state, dict):
+        raise CheckpointError(f"{path} is not a DeepSpeed model states file")
+    return state
+
+
+def zero_stage_of(ckpt: Path) -> int:
+    """The ZeRO stage a checkpoint was written with (from the saved DeepSpeed config)."""
+    states = _load_pickle(_model_states_file(ckpt))
+    stage = (states.get("ds_config") or {}).get("zero_optimization", {}).get("stage")
+    if stage is None:
+        stage = 1 if list(ckpt.glob("*optim_states.pt")) else 0
+    return int(stage)
+
+
+def consolidate(ckpt: Path) -> tuple[dict[str, torch.Tensor], int]:
+    """The full student state dict of one checkpoint directory (fp32 for ZeRO 1-3) and its stage.
+
+    ZeRO 1-3 and bf16 runs read the fp32 master partitions of every rank; stage 0 without an
+    optimizer partition file reads the module states as saved.
+    """
+    stage = zero_stage_of(ckpt)
+    if stage >= 1 or list(ckpt.glob("*zero_pp_rank_*optim_states.pt")):
+        from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
+
+        # zero_to_fp32 reports progress on stdout; keep stdout for the command's own output.
+        with contextlib.redirect_stdout(sys.stderr):
+            check_pickles(ckpt)
+            state = get_fp32_state_dict_from_zero_checkpoint(str(ckpt.parent), tag=ckpt.name)
+    else:
+        state = dict(_load_pickle(_model_states_file(ckpt))["module"])
+    return strip_prefixes(state), stage
+
+
+def ema_state(ckpt: Path) -> dict[str, torch.Tensor]:
+    """The EMA weights saved in the checkpoint's client state, or an CheckpointError."""
+    import torch
+
+    states = _load_pickle(_model_states_file(ckpt))
+    ema = states.get(EMA_KEY)
+    if isinstance(ema, dict) and isinstance(ema.get("state_dict"), dict):
+        ema = ema["state_dict"]
+    if not isinstance(ema, dict) or not ema:
+        raise CheckpointError(
+            f"checkpoint {ckpt} holds no EMA weights (no '{EMA_KEY}' in its client state); "
+            "export without --ema, or train with EMA enabled"
+        )
+    if not all(isinstance(v, torch.Tensor) for v in ema.values()):
+        raise CheckpointError(f"checkpoint {ckpt}: client state '{EMA_KEY}' is not a state dict")
+    return strip_prefixes({k: v.float() for k, v in ema.items()})
+
+
+def load_strict(model: torch.nn.Module, state: dict[str, torch.Tensor], what: str) -> None:
+    result = model.load_state_dict(state, strict=False)
+    if result.missing_keys or result.unexpected_keys:
+        raise CheckpointError(
+            f"{what} does not match the model it should load into: missing {result.missing_keys[:5]}, "
+            f"unexpected {result.unexpected_keys[:5]}"
+        )

@@ -8,7 +8,6 @@ killed-and-resumed run follows the same trajectory as an uninterrupted one.
 
 from __future__ import annotations
 
-import json
 import math
 import signal
 import sys
@@ -19,14 +18,14 @@ from pathlib import Path
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 
 from deitlt_scale import config as config_mod
+from deitlt_scale import tasks
 from deitlt_scale.config import Config
 from deitlt_scale.data import meta as meta_mod
 from deitlt_scale.engine import checkpoint
 from deitlt_scale.engine.distributed import World, deepspeed_config
-from deitlt_scale.engine.evaluate import EvalResult, evaluate, format_table, write_per_class_csv
+from deitlt_scale.engine.evaluate import EvalResult, evaluate_run, format_table
 
 EXIT_REQUEUE = 75  # stopped by a signal after a complete checkpoint: requeue and resume
 EXIT_NONFINITE = 3
@@ -59,7 +58,6 @@ class Trainer:
         self.cfg, self.world = cfg, world
         self._given_meta = meta
         self.run_dir = Path(cfg.runtime.run_dir)
-        self.task = cfg.train.task
         self.state = TrainState()
         self._stop_signal: int | None = None
         self._flags_pending: tuple[torch.Tensor, Any] | None = None
@@ -84,22 +82,19 @@ class Trainer:
             # The newest checkpoint was written by another number of processes.
             self.ds_config["checkpoint"] = {"load_universal": True}
         self.compute_dtype = torch.bfloat16 if cfg.deepspeed.bf16 else torch.float32
-        self.teacher, _ = components.build_teacher(cfg, self.meta, world.device)
+        self.task = tasks.create(cfg, self.meta, world.device)
         torch.manual_seed(cfg.train.seed)  # the same initial weights for the same seed
-        model = components.build_model(cfg, self.meta)
-        self.model_spec = components.model_spec(cfg, self.meta)
+        model = self.task.build_model()
+        self.model_spec = self.task.model_spec()
         if cfg.model.compile:
             model = torch.compile(model, mode=cfg.model.compile_mode)
         self.engine = components.build_engine(
             model, cfg, self.ds_config, self.peak_lr, world.device
         )
-        self.objective = components.build_objective(cfg, self.meta)
-        self.mixer = components.build_mixer(cfg, self.num_classes)
         self.train_loader = self.eval_loader = None
         if with_data:
-            self.train_loader, self.eval_loader = components.build_loaders(
-                cfg, self.meta, self.steps, world
-            )
+            self.train_loader = components.build_train_loader(cfg, self.meta, self.steps, world)
+            self.eval_loader = components.build_eval_loader(cfg, self.meta, world)
         return self
 
     def describe(self) -> str:
@@ -107,7 +102,7 @@ class Trainer:
         return "\n".join(
             [
                 f"run dir      {self.run_dir}",
-                f"task         {self.task}  data {self.meta.dataset} ({self.meta.num_samples('train')} train"
+                f"task         {self.task.name}  data {self.meta.dataset} ({self.meta.num_samples('train')} train"
                 f" / {self.meta.num_samples('eval')} eval images, {self.num_classes} classes)",
                 f"world        {w.world_size} process(es) on {w.device.type} ({w.backend}), rank {w.rank}",
                 f"batch        {cfg.train.micro_batch} per process x {cfg.train.grad_accum} accumulation"
@@ -116,7 +111,7 @@ class Trainer:
                 f" DRW from step {s.drw_start}, peak lr {self.peak_lr:.3g}",
                 f"deepspeed    ZeRO {cfg.deepspeed.zero_stage}, bf16 {cfg.deepspeed.bf16},"
                 f" compile {cfg.model.compile_mode if cfg.model.compile else 'off'}",
-                f"teacher      {cfg.teacher.path or 'none'}",
+                f"trains       {self.task.describe()}",
             ]
         )
 
@@ -166,21 +161,15 @@ class Trainer:
 
     def train_micro_step(self, batch: Any, step: int, micro: int) -> dict[str, torch.Tensor]:
         """Forward, loss and backward of one micro-batch; the engine steps at the boundary."""
-        cfg = self.cfg
+        cfg, task = self.cfg, self.task
         seed = _mix_seed(cfg.train.seed, self.world.rank, step, micro)
         torch.manual_seed(seed)  # drop path and any other torch randomness
         drw = self.steps.drw_start is not None and step >= self.steps.drw_start
-        images, targets = self._mix(batch, seed, drw)
+        mb = task.inputs(batch, seed, drw)
         # On CUDA the teacher runs on a side stream while the student's forward runs.
-        teacher = self.teacher.launch(images) if self.teacher is not None else None
-        out = self.engine(images.to(self.compute_dtype))
-        teacher_logits = teacher.wait() if teacher is not None else None
-        parts = self._loss(out, targets, batch.labels, teacher_logits, drw)
-        if self.task == "student" and out.dist_feat is not None:
-            # The paper's expert-divergence signal (Fig. 4a plots 1 - this).
-            parts["cls_dist_cosine"] = F.cosine_similarity(
-                out.cls_feat.float(), out.dist_feat.float(), dim=-1
-            ).mean()
+        teacher = task.teacher.launch(mb.images) if task.teacher is not None else None
+        out = self.engine(mb.images.to(self.compute_dtype))
+        parts = task.loss(out, mb, teacher.wait() if teacher is not None else None, drw)
         loss = parts["loss"]
         if cfg.train.on_nonfinite == "skip" and self._any_rank_nonfinite(loss):
             # Keep every rank's collectives aligned: a zero-gradient backward from the
@@ -189,8 +178,8 @@ class Trainer:
             parts = {"loss": loss.detach(), "skipped": torch.ones((), device=loss.device)}
             self._step_skipped = True
         self.engine.backward(loss)
-        if self.sam_rho > 0:
-            self._sam_second_pass(images, targets, batch.labels, drw)
+        if cfg.optim.sam_rho > 0:
+            self._sam_second_pass(mb, drw)
         if self._step_skipped and micro == cfg.train.grad_accum - 1:
             # lr 0 leaves the weights as they are (weight decay is scaled by lr too).
             for group in self.engine.optimizer.param_groups:
@@ -199,32 +188,15 @@ class Trainer:
         return {k: v.detach() for k, v in parts.items()}
 
     # ---------------------------------------------------------------- pieces
-    @property
-    def sam_rho(self) -> float:
-        return self.cfg.optim.sam_rho if self.task == "teacher" else 0.0
-
-    def _mix(self, batch: Any, seed: int, drw: bool) -> tuple[torch.Tensor, torch.Tensor | None]:
-        if self.mixer.enabled and not (drw and self.cfg.distill.no_mixup_drw):
-            return self.mixer(batch.images, batch.labels, seed)
-        if drw and self.cfg.distill.no_mixup_drw:
-            return batch.images, None  # hard-label CE, no smoothing (the CIFAR DRW phase)
-        if self.cfg.data.mixup.label_smoothing > 0 and self.task == "student":
-            return batch.images, self.mixer.smooth_only(batch.labels)
-        return batch.images, None
-
-    def _loss(self, out, targets, labels, teacher_logits, drw) -> dict[str, torch.Tensor]:
-        if self.task == "teacher":
-            return self.objective(out.float(), labels, drw)
-        return self.objective(out, targets, labels, teacher_logits, drw)
-
-    def _sam_second_pass(self, images, targets, labels, drw) -> None:
+    def _sam_second_pass(self, mb: tasks.MicroBatch, drw: bool) -> None:
+        """SAM: the gradient at the perturbed weights replaces the first pass's."""
         from deitlt_scale.optim import sam_perturb, sam_restore
 
         params = [p for p in self.engine.module.parameters() if p.requires_grad]
         undo = sam_perturb(params, self.cfg.optim.sam_rho, self.cfg.optim.sam_adaptive)
         self.engine.optimizer.zero_grad()
-        out = self.engine(images.to(self.compute_dtype))
-        self.engine.backward(self._loss(out, targets, labels, None, drw)["loss"])
+        out = self.engine(mb.images.to(self.compute_dtype))
+        self.engine.backward(self.task.loss(out, mb, None, drw)["loss"])
         sam_restore(params, undo)
 
     def _set_lr(self, step: int) -> None:
@@ -284,7 +256,7 @@ class Trainer:
         cfg, done = self.cfg, self.state.step >= self.steps.total
         if (epoch + 1) % cfg.eval.every_epochs == 0 or done:
             result = self.run_eval()
-            metric = result.metrics[self._headline_key()]
+            metric = result.metrics[self.task.headline]
             if metric > self.state.best_metric:
                 self.state.best_metric, self.state.best_step = metric, self.state.step
                 self._save(epoch, best=True)
@@ -300,19 +272,20 @@ class Trainer:
         )
 
     def run_eval(self) -> EvalResult:
+        """Evaluate the live model on the eval split (all ranks); rank 0 writes and logs it."""
         self.engine.eval()
         try:
-            result = evaluate(
+            result = evaluate_run(
                 self.predict,
                 self.eval_loader,
-                self.num_classes,
-                self.meta.groups,
-                self.world.device,
+                self.meta,
+                self.world,
+                self.run_dir / "eval",
+                self.state.step,
             )
         finally:
             self.engine.train()
         if self.world.is_main:
-            write_eval_outputs(result, self.run_dir / "eval", self.meta, self.state.step)
             print(f"[step {self.state.step}] eval\n{format_table(result)}", flush=True)
             self.tracker.log_metrics(
                 {f"eval/{k}": v for k, v in result.metrics.items()}, self.state.step
@@ -320,23 +293,8 @@ class Trainer:
         return result
 
     def predict(self, images: torch.Tensor) -> dict[str, torch.Tensor]:
-        module = self.engine.module
-        images = images.to(self.compute_dtype)
-        if self.task == "teacher":
-            return {"teacher": module(images)}
-        out = getattr(module, "_orig_mod", module).forward_heads(images)
-        if out.dist_logits is None:
-            return {"cls": out.cls_logits}
-        return {
-            "cls": out.cls_logits,
-            "dist": out.dist_logits,
-            "mean": (out.cls_logits + out.dist_logits) / 2,
-        }
-
-    def _headline_key(self) -> str:
-        if self.task == "teacher":
-            return "teacher/overall"
-        return "mean/overall" if self.cfg.model.distilled else "cls/overall"
+        """Logits per reported head through the engine's forward (ZeRO-3 gathers parameters)."""
+        return self.task.predict(self.engine, images.to(self.compute_dtype))
 
     def _save(self, epoch: int, best: bool = False) -> None:
         if self._flags_pending is not None:
@@ -436,25 +394,6 @@ class StepWindow:
         self.sums, self.count, self.steps, self.data_time = {}, 0, 0, 0.0
         self.started = time.perf_counter()
         return values
-
-
-def write_eval_outputs(result: EvalResult, out_dir: Path, meta: Any, step: int) -> None:
-    out_dir.mkdir(parents=True, exist_ok=True)
-    write_per_class_csv(
-        result,
-        out_dir / f"per_class_step{step:08d}.csv",
-        meta.train_counts,
-        meta.class_names,
-        meta.groups,
-    )
-    write_per_class_csv(
-        result, out_dir / "per_class_latest.csv", meta.train_counts, meta.class_names, meta.groups
-    )
-    payload = {"step": step, "metrics": result.metrics}
-    tmp = out_dir / ".latest.json.partial"
-    tmp.write_text(json.dumps(payload, indent=1))
-    tmp.replace(out_dir / "latest.json")
-    (out_dir / "table.txt").write_text(format_table(result) + "\n")
 
 
 def _record_event(device: torch.device) -> Any:

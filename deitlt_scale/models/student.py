@@ -39,6 +39,23 @@ class StudentOutput(NamedTuple):
     dist_feat: Tensor | None
 
 
+def mean_logits(cls_logits: Tensor, dist_logits: Tensor) -> Tensor:
+    """The paper's prediction: the mean of the CLS and DIST logits (METHOD.md 2, 7)."""
+    return (cls_logits + dist_logits) / 2
+
+
+def head_logits(out: StudentOutput) -> dict[str, Tensor]:
+    """The predictors a student is scored on: ``cls``, and with a DIST head ``dist`` and their
+    ``mean``."""
+    if out.dist_logits is None:
+        return {"cls": out.cls_logits}
+    return {
+        "cls": out.cls_logits,
+        "dist": out.dist_logits,
+        "mean": mean_logits(out.cls_logits, out.dist_logits),
+    }
+
+
 @dataclass(frozen=True)
 class _Arch:
     distilled: bool
@@ -154,15 +171,17 @@ class Student(nn.Module):
         """The timm module itself: a student is its own timm model (identical state_dict keys)."""
         return self
 
-    def forward(self, x: Tensor) -> StudentOutput | Tensor:  # type: ignore[override]
-        """Training: :class:`StudentOutput`. Eval: ``(cls + dist) / 2`` logits (CLS logits for
-        the plain ViT), which is exactly what the timm model returns in eval mode."""
+    def forward(self, x: Tensor, heads: bool = False) -> StudentOutput | Tensor:  # type: ignore[override]
+        """Training (or ``heads=True``): :class:`StudentOutput`. Eval: the mean of the two heads'
+        logits (CLS logits for the plain ViT), which is exactly what the timm model returns.
+
+        Evaluation asks for ``heads=True`` through the module's own forward (not
+        :meth:`forward_heads`) so that wrappers' hooks run, e.g. ZeRO-3's parameter gathering.
+        """
         out = self.forward_heads(x)
-        if self.training:
+        if self.training or heads:
             return out
-        if out.dist_logits is None:
-            return out.cls_logits
-        return (out.cls_logits + out.dist_logits) / 2
+        return head_logits(out)["mean" if out.dist_logits is not None else "cls"]
 
     def forward_heads(self, x: Tensor) -> StudentOutput:
         """Both heads and their features, in any mode (eval reports CLS, DIST and mean accuracy)."""
@@ -223,16 +242,31 @@ class Student(nn.Module):
         return names
 
 
+def _qkv(attn: Attention, x: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    b, t, _ = x.shape
+    qkv = attn.qkv(x).reshape(b, t, 3, attn.num_heads, attn.head_dim).permute(2, 0, 3, 1, 4)
+    q, k, v = qkv.unbind(0)
+    return attn.q_norm(q), attn.k_norm(k), v
+
+
+def _softmax_attention(attn: Attention, q: Tensor, k: Tensor) -> Tensor:
+    # Softmax in fp32 so maps from bf16 models still sum to 1 within rounding.
+    return F.softmax((q * attn.scale) @ k.transpose(-2, -1), dim=-1, dtype=torch.float32)
+
+
+def attention_probs(attn: Attention, x: Tensor) -> Tensor:
+    """Softmax attention ``(B, heads, T, T)`` (fp32) of a timm ``Attention`` on its input ``x``."""
+    q, k, _ = _qkv(attn, x)
+    return _softmax_attention(attn, q, k)
+
+
 def _explicit_attention(attn: Attention, x: Tensor) -> tuple[Tensor, Tensor]:
     """timm ``Attention`` with an explicit softmax: returns (output (B, T, D), probs (B, H, T, T))."""
     if getattr(attn, "gate", None) is not None:
         raise NotImplementedError("gated attention is not used by DeiT students")
     b, t, _ = x.shape
-    qkv = attn.qkv(x).reshape(b, t, 3, attn.num_heads, attn.head_dim).permute(2, 0, 3, 1, 4)
-    q, k, v = qkv.unbind(0)
-    q, k = attn.q_norm(q), attn.k_norm(k)
-    # Softmax in fp32 so maps from bf16 models still sum to 1 within rounding.
-    probs = F.softmax((q * attn.scale) @ k.transpose(-2, -1), dim=-1, dtype=torch.float32)
+    q, k, v = _qkv(attn, x)
+    probs = _softmax_attention(attn, q, k)
     out = attn.attn_drop(probs.to(v.dtype)) @ v
     out = out.transpose(1, 2).reshape(b, t, attn.attn_dim)
     out = attn.proj_drop(attn.proj(attn.norm(out)))

@@ -12,7 +12,7 @@ import re
 import pytest
 import torch
 
-from deitlt_scale.export import consolidate
+from deitlt_scale.engine.checkpoint import consolidate
 from faults import TrainProcess, one_line_error, tiny_overrides
 
 pytestmark = pytest.mark.slow

@@ -19,7 +19,7 @@ from deitlt_scale import cli
 from deitlt_scale import config as config_mod
 from deitlt_scale.data import meta as meta_mod
 from deitlt_scale.data.loader import ShardError
-from deitlt_scale.engine.components import build_loaders
+from deitlt_scale.engine.components import build_eval_loader, build_train_loader
 from deitlt_scale.engine.distributed import World
 from faults import RECIPE, TrainProcess, one_line_error, tiny_overrides
 
@@ -108,7 +108,9 @@ def _build_loaders(data: Path, teacher: Path, run_dir: Path) -> None:
     cfg = config_mod.load(RECIPE, tiny_overrides(data, teacher, run_dir))
     meta = meta_mod.load(data)
     steps = config_mod.resolve_steps(cfg, meta.num_samples("train"), 1)
-    build_loaders(cfg, meta, steps, World(0, 0, 1, torch.device("cpu"), "gloo"))
+    world = World(0, 0, 1, torch.device("cpu"), "gloo")
+    build_train_loader(cfg, meta, steps, world)
+    build_eval_loader(cfg, meta, world)
 
 
 @pytest.mark.parametrize(
