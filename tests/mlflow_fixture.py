@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 
-from deitlt_scale.mlflow_server import SERVER_ENV, MlflowServer, start_server
+from deitlt_scale.tracking.server import SERVER_ENV, MlflowServer, start_server
 
 # Clients started by the tests (the DeepSpeed launches, in-process trackers) send no telemetry.
 os.environ.update(SERVER_ENV)

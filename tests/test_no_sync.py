@@ -223,7 +223,7 @@ def tiny_trainer(world, teacher: Path, run_dir: Path, device: str, **overrides: 
     """A real Trainer (DeepSpeed engine, frozen ResNet-32 teacher) of a 2-block distilled DeiT at
     32 px, built without data loaders; logging steps never come (train.log_every is huge)."""
     from deitlt_scale import config as config_mod
-    from deitlt_scale.benchmarks.step import synthetic_meta
+    from deitlt_scale.benchmarks.synthetic import synthetic_meta
     from deitlt_scale.engine.trainer import Trainer
 
     settings = {
@@ -249,7 +249,7 @@ def tiny_trainer(world, teacher: Path, run_dir: Path, device: str, **overrides: 
 
 
 def synthetic_batch(device: torch.device, size: int = 32):
-    from deitlt_scale.benchmarks.step import DeviceBatch
+    from deitlt_scale.benchmarks.synthetic import DeviceBatch
 
     gen = torch.Generator().manual_seed(0)
     images = torch.randn(8, 3, size, size, generator=gen)

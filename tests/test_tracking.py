@@ -18,15 +18,17 @@ from mlflow import MlflowClient
 
 from deitlt_scale import cli
 from deitlt_scale.config import Config, TrackingConfig, flatten
-from deitlt_scale.mlflow_server import MlflowServer, free_port, port_in_use
 from deitlt_scale.tracking import (
     REDACTED,
+    ConsoleWriter,
+    MetricWriter,
     Tracker,
     is_secret_key,
     read_run_id,
     redact,
     resolve_uri,
 )
+from deitlt_scale.tracking.server import MlflowServer, free_port, port_in_use
 
 pytest_plugins = ["mlflow_fixture"]
 
@@ -95,6 +97,48 @@ def test_disabled_tracking_writes_nothing(tmp_path):
     tracker.log_metrics({"loss": 1.0}, step=1)
     tracker.close()
     assert tracker.run_id is None and list(tmp_path.iterdir()) == []
+
+
+def test_both_writers_satisfy_the_metric_writer_protocol(tmp_path):
+    assert isinstance(
+        Tracker.start(TrackingConfig(enabled=False), tmp_path, {}, {}, rank=0), MetricWriter
+    )
+    assert isinstance(ConsoleWriter(), MetricWriter)
+
+
+def test_console_writer_prints_one_compact_line_per_call_on_rank_0(capsys):
+    writer = ConsoleWriter(rank=0, total_steps=100)
+    writer.log_metrics({"train/loss": 2.345678, "train/lr": 0.0005}, step=10)
+    writer.log_metrics({"eval/acc1": 41.25}, step=20)
+    assert capsys.readouterr().out.splitlines() == [
+        "[step 10/100] loss=2.346 lr=0.0005",
+        "[step 20/100] acc1=41.25",
+    ]
+
+
+def test_console_writer_keeps_the_last_values_and_skips_non_numbers(capsys):
+    writer = ConsoleWriter(rank=0)
+    writer.log_metrics({"train/loss": 3.0, "note": "text"}, step=1)
+    writer.log_metrics({"train/loss": 2.0}, step=2)
+    assert writer.last == {"train/loss": 2.0} and writer.last_step == 2
+    assert capsys.readouterr().out.splitlines() == ["[step 1] loss=3", "[step 2] loss=2"]
+
+
+def test_console_writer_on_other_ranks_keeps_values_but_prints_nothing(capsys):
+    writer = ConsoleWriter(rank=1)
+    writer.log_metrics({"train/loss": 1.5}, step=3)
+    assert writer.last == {"train/loss": 1.5}
+    assert capsys.readouterr().out == ""
+
+
+def test_console_writer_ignores_calls_after_close(capsys):
+    writer = ConsoleWriter()
+    writer.close("KILLED")
+    writer.log_metrics({"train/loss": 1.0}, step=1)
+    writer.set_tags({"dataset": "d"})
+    writer.close()
+    assert writer.status == "KILLED" and writer.last == {} and writer.tags == {}
+    assert capsys.readouterr().out == ""
 
 
 # --------------------------------------------------------------------------------------------

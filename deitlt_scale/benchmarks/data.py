@@ -20,6 +20,7 @@ import tempfile
 import time
 from pathlib import Path
 
+from deitlt_scale.benchmarks.measure import sync
 from deitlt_scale.config import DataConfig
 
 HELP = "images/s of the DALI train pipeline vs a torch DataLoader + PIL + timm reference"
@@ -130,21 +131,18 @@ def _generate(
 
 def _time(batches, warmup: int, count: int, device, desc: str) -> float:
     """Images/s over ``count`` batches after ``warmup`` untimed ones."""
-    import torch
     from tqdm import tqdm
 
     stream = iter(batches)
     for _ in range(warmup):
         next(stream)
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
+    sync(device)
     images = 0
     start = time.perf_counter()
     for _ in tqdm(range(count), desc=desc, file=sys.stderr):
         batch = next(stream)
         images += batch.images.shape[0]
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
+    sync(device)
     return images / (time.perf_counter() - start)
 
 

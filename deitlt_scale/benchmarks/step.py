@@ -7,7 +7,8 @@ one process:
   builds it (DeepSpeed engine, bf16 on CUDA, ZeRO ``--zero``, ``torch.compile`` on CUDA, the teacher
   in bf16 and channels_last, mixup on device, the one-step-late flag exchange), fed by the DALI
   train loader (``--shards``) or by device-resident synthetic images (``--synthetic``).
-* **reference**: the original code's loop in plain torch: timm's eager distilled ViT, timm Mixup,
+* **reference**: the original code's loop in plain torch
+  (:mod:`~deitlt_scale.benchmarks.reference_step`): timm's eager distilled ViT, timm Mixup,
   ``torch.autocast`` fp16 + ``GradScaler`` around student, teacher (fp32 weights, run in fp16 by
   autocast) and loss, ``loss.item()`` every step (the finiteness check), torch AdamW; with
   ``--shards`` the CPU-side timm augmentation of :mod:`deitlt_scale.data.reference`. On a CPU
@@ -34,21 +35,33 @@ from __future__ import annotations
 
 import argparse
 import gc
-import math
-import statistics
 import sys
 import tempfile
-import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, NamedTuple
 
+from deitlt_scale.benchmarks.measure import (
+    MatmulCeiling,
+    Memory,
+    Timing,
+    memory_kind,
+    progress,
+    sync,
+    timed,
+)
+from deitlt_scale.benchmarks.reference_step import ReferenceRecipe, reference_amp_dtype
+from deitlt_scale.benchmarks.synthetic import (
+    synthetic_batches,
+    synthetic_meta,
+    write_random_teacher,
+)
+
 HELP = "images/s, model FLOPs and MFU of the training step vs the reference recipe"
 
 TEACHERS = ("resnet50", "resnet32", "none")
 MODEL_KEYS = ("patch_size", "embed_dim", "depth", "num_heads", "drop_path", "distilled")
-SYNTHETIC_POOL = 2  # distinct device-resident batches, used in turn
 LOG_NEVER = 1 << 30  # train.log_every: no logging step (and so no host sync) while timing
 
 
@@ -150,82 +163,8 @@ def register(parser: argparse.ArgumentParser) -> None:
     )
 
 
-class DeviceBatch(NamedTuple):
-    """What the trainer reads from a batch: normalised images (B, 3, H, W) and labels (B,)."""
-
-    images: Any
-    labels: Any
-
-
-@dataclass
-class Timing:
-    """One recipe's figures. ``round_rates`` are images/s of each timed round; the reported rate
-    is their median. ``peak_mib`` is CUDA allocator memory above what was held before the recipe
-    was built, or the process peak RSS on CPU (which covers everything run so far)."""
-
-    round_rates: list[float]
-    images_per_step: int
-    peak_mib: float
-    loss: float
-
-    @property
-    def images_per_s(self) -> float:
-        return statistics.median(self.round_rates)
-
-    @property
-    def seconds_per_step(self) -> float:
-        return self.images_per_step / self.images_per_s
-
-
 # --------------------------------------------------------------------------------------------
 # Set-up
-
-
-def synthetic_meta(num_classes: int, train_samples: int):
-    """An in-memory :class:`~deitlt_scale.data.meta.DatasetMeta` for ``num_classes`` classes with
-    a long-tailed count profile (ImageNet-LT-like, 1280 down to 5) and ``train_samples`` images
-    per epoch; it names no shards (for ``Trainer(..., meta=...).build(with_data=False)``)."""
-    from deitlt_scale.data.longtail import (
-        groups_by_count,
-        groups_by_index,
-        lt_counts,
-        paper_boundaries,
-    )
-    from deitlt_scale.data.meta import DatasetMeta
-
-    counts = [max(1, n) for n in lt_counts(1280, num_classes, 256.0)]
-    boundaries = paper_boundaries("synthetic", counts)
-    return DatasetMeta(
-        dataset="synthetic",
-        num_classes=num_classes,
-        train_counts=counts,
-        eval_counts=[1] * num_classes,
-        class_map=list(range(num_classes)),
-        class_names=[""] * num_classes,
-        groups={
-            "paper": groups_by_index(num_classes, boundaries),
-            "count": groups_by_count(counts),
-        },
-        boundaries=boundaries,
-        imbalance_factor=counts[0] / counts[-1],
-        splits={
-            "train": {"num_samples": train_samples, "shards": []},
-            "eval": {"num_samples": num_classes, "shards": []},
-        },
-    )
-
-
-def write_random_teacher(directory: Path, arch: str, num_classes: int, input_size: int) -> Path:
-    """A teacher file (seeded random weights) that the trainer loads like a real one."""
-    import torch
-
-    from deitlt_scale.models.teacher_file import TeacherInfo, save_teacher
-    from deitlt_scale.models.teachers import create_teacher_arch
-
-    torch.manual_seed(0)
-    model = create_teacher_arch(arch, num_classes)
-    info = TeacherInfo(arch, num_classes, input_size, label_space="model", source="random")
-    return save_teacher(directory, model, info)
 
 
 def model_overrides(pairs: list[str]) -> list[str]:
@@ -299,114 +238,8 @@ def ablation_overrides(variant: str) -> tuple[str, ...]:
 
 
 # --------------------------------------------------------------------------------------------
-# Measurement helpers
-
-
-def _sync(device) -> None:
-    import torch
-
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
-class MatmulCeiling:
-    """The matrix-rate ceiling: FLOP/s of a large square matmul on the device (bf16 8192^3 on
-    CUDA, fp32 1024^3 on CPU). :meth:`sample` is called before and between the timed rounds and
-    the best rate seen is kept, so a moment of contention on a shared machine does not lower it."""
-
-    def __init__(self, device) -> None:
-        import torch
-
-        self.device = device
-        if device.type == "cuda":
-            n, dtype, self.reps = 8192, torch.bfloat16, 10
-        else:
-            n, dtype, self.reps = 1024, torch.float32, 3
-        self.n = n
-        self.a = torch.randn(n, n, device=device, dtype=dtype)
-        self.b = torch.randn(n, n, device=device, dtype=dtype)
-        self.best = 0.0
-        kind = "bf16" if dtype == torch.bfloat16 else "fp32"
-        threads = "" if device.type == "cuda" else f", {torch.get_num_threads()} threads"
-        self.description = (
-            f"{kind} {n}x{n}x{n} matmul on {device.type}{threads}, best of the samples taken "
-            "before and between the timed rounds"
-        )
-        for _ in range(2):  # kernel selection, clocks
-            torch.mm(self.a, self.b)
-
-    def sample(self, rounds: int = 1) -> float:
-        import torch
-
-        for _ in range(rounds):
-            _sync(self.device)
-            start = time.perf_counter()
-            for _ in range(self.reps):
-                torch.mm(self.a, self.b)
-            _sync(self.device)
-            seconds = (time.perf_counter() - start) / self.reps
-            self.best = max(self.best, 2.0 * self.n**3 / seconds)
-        return self.best
-
-
-class _Memory:
-    """Peak memory of one recipe (see :class:`Timing`)."""
-
-    def __init__(self, device) -> None:
-        import torch
-
-        self.device = device
-        self.base = 0
-        if device.type == "cuda":
-            gc.collect()
-            torch.cuda.empty_cache()
-            torch.cuda.reset_peak_memory_stats(device)
-            self.base = torch.cuda.memory_allocated(device)
-
-    def peak_mib(self) -> float:
-        import resource
-
-        import torch
-
-        if self.device.type == "cuda":
-            return (torch.cuda.max_memory_allocated(self.device) - self.base) / 2**20
-        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
-
-
-def memory_kind(device) -> str:
-    if device.type == "cuda":
-        return "CUDA allocator peak above what was held before the recipe"
-    return "process peak RSS so far"
-
-
-def synthetic_batches(
-    batch: int, image_size: int, num_classes: int, device
-) -> Iterator[DeviceBatch]:
-    """Endless batches from a pool of :data:`SYNTHETIC_POOL` device-resident random batches."""
-    import torch
-
-    gen = torch.Generator(device="cpu").manual_seed(0)
-    pool = [
-        DeviceBatch(
-            torch.randn(batch, 3, image_size, image_size, generator=gen).to(device),
-            torch.randint(0, num_classes, (batch,), generator=gen).to(device),
-        )
-        for _ in range(SYNTHETIC_POOL)
-    ]
-    i = 0
-    while True:
-        yield pool[i % len(pool)]
-        i += 1
-
-
-def _progress(total: int, desc: str):
-    from tqdm import tqdm
-
-    return tqdm(range(total), desc=desc, file=sys.stderr, leave=False)
-
-
-# --------------------------------------------------------------------------------------------
-# The two recipes: each runs optimizer steps on demand, so their timed rounds can alternate.
+# The step recipe. Like the reference recipe (reference_step.py) it runs optimizer steps on
+# demand, so the timed rounds of the two can alternate.
 
 
 class StepRecipe:
@@ -426,137 +259,6 @@ class StepRecipe:
         self.trainer.finish_steps()  # a non-finite loss raises here
         window = self.trainer.window
         return float(window.sums["loss"]) / max(window.count, 1)
-
-
-def reference_amp_dtype(request: str, device):
-    """The autocast dtype of the reference recipe (None: off) and its description."""
-    import torch
-
-    if request == "off":
-        return None, "no autocast (fp32)"
-    if request == "bf16":
-        return torch.bfloat16, "bf16 autocast"
-    if request == "fp16" or device.type == "cuda" or _cpu_fp16_autocast_works():
-        return torch.float16, "fp16 autocast + GradScaler"
-    return torch.bfloat16, "bf16 autocast (fp16 autocast does not work on this CPU)"
-
-
-def _cpu_fp16_autocast_works() -> bool:
-    import torch
-
-    try:
-        layer = torch.nn.Linear(8, 8)
-        scaler = torch.amp.GradScaler("cpu")
-        optimizer = torch.optim.SGD(layer.parameters(), lr=0.1)
-        with torch.autocast("cpu", dtype=torch.float16):
-            out = layer(torch.randn(4, 8)).float().sum()
-        scaler.scale(out).backward()
-        scaler.step(optimizer)
-        scaler.update()
-        return True
-    except (RuntimeError, NotImplementedError):
-        return False
-
-
-class ReferenceRecipe:
-    """The original code's training step in plain torch (see the module docstring): timm's eager
-    distilled ViT, timm Mixup, autocast around student, teacher and loss, GradScaler, torch AdamW,
-    and ``loss.item()`` every step for its finiteness check."""
-
-    name = "reference"
-
-    def __init__(
-        self,
-        cfg,
-        num_classes: int,
-        teacher_dir: Path | None,
-        batches: Iterator[Any],
-        device,
-        amp_dtype,
-    ) -> None:
-        import timm
-        import torch
-        from timm.data import Mixup
-        from timm.loss import SoftTargetCrossEntropy
-
-        from deitlt_scale.models.student import student_spec
-        from deitlt_scale.models.teacher_file import load_teacher
-        from deitlt_scale.optim import param_groups, peak_lr
-
-        if device.type == "cuda":
-            torch.backends.cudnn.benchmark = True  # as the original code
-        name, kwargs = student_spec(cfg.model, num_classes, cfg.data.image_size)
-        torch.manual_seed(0)
-        self.student = timm.create_model(name, **kwargs).to(device).train()
-        self.distilled = cfg.model.distilled
-        if self.distilled:
-            self.student.set_distilled_training(True)  # training forward gives (cls, dist)
-        self.teacher = None
-        if teacher_dir is not None:
-            self.teacher, _ = load_teacher(teacher_dir, device, torch.float32, channels_last=False)
-        self.optimizer = torch.optim.AdamW(
-            param_groups(self.student, cfg.optim.weight_decay),
-            lr=peak_lr(cfg.optim, cfg.train.micro_batch, 1),
-            betas=cfg.optim.betas,
-            eps=cfg.optim.eps,
-        )
-        self.scaler = torch.amp.GradScaler(device.type, enabled=amp_dtype == torch.float16)
-        m = cfg.data.mixup
-        self.mixup = Mixup(
-            mixup_alpha=m.mixup_alpha,
-            cutmix_alpha=m.cutmix_alpha,
-            prob=m.prob,
-            switch_prob=m.switch_prob,
-            mode="batch",
-            label_smoothing=m.label_smoothing,
-            num_classes=num_classes,
-        )
-        self.soft_ce = SoftTargetCrossEntropy()
-        self.alpha = cfg.distill.alpha
-        self.device, self.amp_dtype, self.batches = device, amp_dtype, batches
-        self.images_per_step = cfg.train.micro_batch
-        self.losses: list[float] = []
-
-    def run(self, steps: int) -> None:
-        import torch
-        import torch.nn.functional as F
-
-        for _ in range(steps):
-            batch = next(self.batches)
-            images, targets = self.mixup(batch.images, batch.labels)
-            with torch.autocast(
-                self.device.type,
-                dtype=self.amp_dtype or torch.float32,
-                enabled=bool(self.amp_dtype),
-            ):
-                out = self.student(images)
-                cls_logits, dist_logits = out if self.distilled else (out, None)
-                loss = self.soft_ce(cls_logits, targets)
-                if self.teacher is not None:
-                    with torch.no_grad():
-                        teacher_labels = self.teacher(images).argmax(dim=1)
-                    dist = F.cross_entropy(dist_logits, teacher_labels)
-                    loss = loss * (1 - self.alpha) + dist * self.alpha
-            value = loss.item()  # the original's per-step finiteness check (a host sync)
-            if not math.isfinite(value):
-                raise RuntimeError("reference recipe: non-finite loss")
-            self.losses.append(value)
-            self.optimizer.zero_grad()
-            self.scaler.scale(loss).backward()
-            self.scaler.step(self.optimizer)
-            self.scaler.update()
-
-    def mean_loss(self) -> float:
-        return sum(self.losses) / max(len(self.losses), 1)
-
-
-def time_rounds(recipe, steps: int, device) -> float:
-    """Seconds for ``steps`` optimizer steps of ``recipe``, from an idle device to an idle one."""
-    _sync(device)
-    start = time.perf_counter()
-    recipe.run(steps)
-    _sync(device)
-    return time.perf_counter() - start
 
 
 # --------------------------------------------------------------------------------------------
@@ -606,12 +308,12 @@ def _figures(name: str, t: Timing, flops_per_image: int, ceiling: float, device,
     )
 
 
-def _warm_up(recipe, steps: int, device, memory: _Memory) -> float:
+def _warm_up(recipe, steps: int, device, memory: Memory) -> float:
     """Run the untimed steps (compilation, autotuning, allocator growth); the peak memory (MiB)
     they reached, which is the recipe's steady-state peak."""
-    for _ in _progress(steps, f"{recipe.name} warm-up"):
+    for _ in progress(steps, f"{recipe.name} warm-up"):
         recipe.run(1)
-    _sync(device)
+    sync(device)
     return memory.peak_mib()
 
 
@@ -718,14 +420,14 @@ def _bench(args: argparse.Namespace, world, tmp: Path) -> None:
         if alternate:
             measured.append(entry)
         else:
-            entry.rates = _timed(recipe, args.rounds, args.steps, device, ceiling)
+            entry.rates = timed(recipe, args.rounds, args.steps, device, ceiling)
             measured.append(entry.finish())
             del recipe, entry
             gc.collect()  # the trainer and its loader go before the next recipe is built
 
     # The reference recipe.
     amp_dtype, amp_how = reference_amp_dtype(args.reference_amp, device)
-    memory = _Memory(device)
+    memory = Memory(device)
     if args.shards is not None:
         from deitlt_scale.data.reference import ReferenceLoader
 
@@ -745,13 +447,13 @@ def _bench(args: argparse.Namespace, world, tmp: Path) -> None:
         flops,
     )
     if alternate:
-        for _ in _progress(args.rounds, "timed rounds"):
+        for _ in progress(args.rounds, "timed rounds"):
             for entry in [*measured, ref]:
-                entry.rates += _timed(entry.recipe, 1, args.steps, device, ceiling)
+                entry.rates += timed(entry.recipe, 1, args.steps, device, ceiling)
         for entry in measured:
             entry.finish()
     else:
-        ref.rates = _timed(reference, args.rounds, args.steps, device, ceiling)
+        ref.rates = timed(reference, args.rounds, args.steps, device, ceiling)
     ref.finish()
 
     print(f"matmul ceiling: {format_flops(ceiling.best)}/s ({ceiling.description})", flush=True)
@@ -815,7 +517,7 @@ def _build_step(name, cfg, world, meta, args, step_batches, device) -> tuple[Ste
     """A step recipe built like `deitlt train` builds its trainer, after its warm-up steps."""
     from deitlt_scale.engine.trainer import Trainer
 
-    memory = _Memory(device)
+    memory = Memory(device)
     trainer = Trainer(cfg, world, meta=meta).build(with_data=args.shards is not None)
     print(f"{name}: {_describe_student(trainer)}", flush=True)
     batches = _epochs(trainer.train_loader) if args.shards else step_batches()
@@ -838,16 +540,6 @@ def _step_how(cfg, teacher_dir: Path | None, on_cuda: bool) -> str:
         f"DeepSpeed ZeRO {cfg.deepspeed.zero_stage}, {precision}, {student} student, "
         f"{teacher}{fused}"
     )
-
-
-def _timed(recipe, rounds: int, steps: int, device, ceiling: MatmulCeiling) -> list[float]:
-    """Images/s of each of ``rounds`` timed rounds of ``steps`` optimizer steps; the ceiling is
-    sampled after each round."""
-    rates = []
-    for _ in range(rounds):
-        rates.append(steps * recipe.images_per_step / time_rounds(recipe, steps, device))
-        ceiling.sample()
-    return rates
 
 
 def _epochs(loader) -> Iterator[Any]:

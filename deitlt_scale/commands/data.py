@@ -8,20 +8,15 @@ import os
 import sys
 from pathlib import Path
 
+from deitlt_scale.data import source_table
+
 HELP = "prepare long-tailed WebDataset shards (prepare) and inspect them (inspect)"
 PLOT_FILE = "class_counts.png"
-# The same tuple as deitlt_scale.data.prepare.SOURCES, repeated so `deitlt --help` imports nothing.
-SOURCES = ("cifar10-lt", "cifar100-lt", "imagenet-lt", "inat2018", "folder", "list", "digits-lt")
+SOURCES = tuple(source_table.SOURCES)  # the source table imports only the standard library
 
-_PREPARE_EPILOG = """\
+_PREPARE_EPILOG = f"""\
 sources and what they read:
-  cifar10-lt, cifar100-lt   --root: cifar-10-python.tar.gz / cifar-100-python.tar.gz, the folder
-                            holding it, or the extracted folder; --imbalance N_max/N_min (100)
-  imagenet-lt, inat2018     --root: image root; --train-list/--eval-list '<path> <label>' files
-                            (default: the standard list names inside --root)
-  list                      any '<path> <label>' lists, as above; --name names the dataset
-  folder                    --root: one sub-folder per class; --eval-root or --eval-fraction
-  digits-lt                 the embedded default: scikit-learn's 8x8 digits, long-tailed
+{source_table.help_rows()}
 examples:
   deitlt data prepare digits-lt --out data/digits-lt
   deitlt data prepare cifar10-lt --root raw/ --imbalance 100 --out data/cifar10lt_r100

@@ -38,7 +38,7 @@ def _terminate(signum: int, frame: FrameType | None) -> None:
 
 def run(args: argparse.Namespace) -> int:
     from deitlt_scale.errors import UserError
-    from deitlt_scale.mlflow_server import start_server
+    from deitlt_scale.tracking.server import start_server
 
     if not 1 <= args.port <= 65535:
         raise UserError(f"--port must be in 1..65535, got {args.port}")

@@ -30,7 +30,7 @@ from typing import Any
 import numpy as np
 
 from deitlt_scale import __version__
-from deitlt_scale.data import longtail, sources
+from deitlt_scale.data import longtail, source_table, sources
 from deitlt_scale.data import meta as meta_io
 from deitlt_scale.data.meta import META_FILE, SPLITS, DatasetMeta
 from deitlt_scale.data.shards import (
@@ -43,7 +43,7 @@ from deitlt_scale.data.shards import (
 )
 from deitlt_scale.errors import UserError
 
-SOURCES = ("cifar10-lt", "cifar100-lt", "imagenet-lt", "inat2018", "folder", "list", "digits-lt")
+SOURCES = tuple(source_table.SOURCES)  # the names, in table order
 DEFAULT_SHARD_SIZE = 256 * 10**6  # bytes (256 MB)
 PLAN_FILE = ".plan.json"
 PROGRESS_FILE = ".progress.jsonl"
@@ -179,53 +179,30 @@ def prepare_dataset(
 # --------------------------------------------------------------------------- reading and planning
 
 
-_LT = ("cifar10-lt", "cifar100-lt", "digits-lt")
-_LISTS = ("imagenet-lt", "inat2018", "list")
-# Which sources each option applies to; giving it to another source is an error, not a no-op.
-_APPLIES_TO = {
-    "root": tuple(s for s in SOURCES if s != "digits-lt"),
-    "train_list": _LISTS,
-    "eval_list": _LISTS,
-    "num_classes": _LISTS,
-    "eval_root": ("folder",),
-    "eval_fraction": ("folder",),
-    "imbalance": _LT,
-    "name": ("folder", "list"),
-}
-
-
 def _read_source(
     source, root, train_list, eval_list, eval_root, eval_fraction, imbalance, profile,
     num_classes, name, skip_bad,
 ) -> sources.SourceData:  # fmt: skip
-    given = {
-        "root": root, "train_list": train_list, "eval_list": eval_list,
-        "num_classes": num_classes, "eval_root": eval_root, "eval_fraction": eval_fraction,
-        "imbalance": imbalance, "name": name,
-    }  # fmt: skip
-    for option, value in given.items():
-        if value is not None and source not in _APPLIES_TO[option]:
-            flag = "--" + option.replace("_", "-")
-            raise UserError(
-                f"{flag} does not apply to {source}; it is for {', '.join(_APPLIES_TO[option])}"
-            )
-    if profile != "exp" and source not in _LT:
-        raise UserError(f"--profile does not apply to {source}; it is for {', '.join(_LT)}")
+    """Check the options against the source's row of the source table, then read it."""
+    args = source_table.SourceArgs(
+        root=root, train_list=train_list, eval_list=eval_list, num_classes=num_classes,
+        eval_root=eval_root, eval_fraction=eval_fraction, imbalance=imbalance, name=name,
+        profile=profile, skip_bad=skip_bad,
+    )  # fmt: skip
+    refused = source_table.refusal(source, args)
+    if refused:
+        raise UserError(refused)
     if profile not in ("exp", "step"):
         raise UserError(f"--profile must be exp or step, got {profile!r}")
     if imbalance is not None and imbalance < 1:
         raise UserError(f"--imbalance is N_max/N_min and must be >= 1 (e.g. 100), got {imbalance}")
     if num_classes is not None and num_classes < 1:
         raise UserError(f"--num-classes must be >= 1, got {num_classes}")
-    if source != "digits-lt" and root is None:
-        raise UserError(f"{source} needs --root (the raw dataset's location)")
-    if source in ("cifar10-lt", "cifar100-lt"):
-        return sources.read_cifar(source, root, imbalance or sources.CIFAR_IMBALANCE, profile)
-    if source == "digits-lt":
-        return sources.read_digits(imbalance or sources.DIGITS_IMBALANCE, profile)
-    if source == "folder":
-        return sources.read_folder(root, eval_root, eval_fraction, name)
-    return sources.read_lists(source, root, train_list, eval_list, num_classes, skip_bad, name)
+    entry = source_table.SOURCES[source]
+    missing = entry.missing(source, args)
+    if missing:
+        raise UserError(missing)
+    return entry.read(source, args)
 
 
 def _plan_splits(

@@ -12,8 +12,8 @@ from pathlib import Path
 import pytest
 from mlflow import MlflowClient
 
-from deitlt_scale.mlflow_server import SERVER_ENV, free_port, start_server
 from deitlt_scale.tracking import read_run_id
+from deitlt_scale.tracking.server import SERVER_ENV, free_port, start_server
 from faults import TrainProcess, tiny_overrides
 
 pytestmark = pytest.mark.slow

@@ -1,4 +1,5 @@
-"""MLflow tracking: one MLflow run per run directory, written by rank 0 only.
+"""The MLflow writer (a :class:`~deitlt_scale.tracking.writer.MetricWriter`): one MLflow run per
+run directory, written by rank 0 only.
 
 * Rank 0 creates the run (or, when ``RUN_DIR/mlflow-run-id`` exists, continues it) and returns its
   id; the trainer shares that id with the other ranks, whose trackers are no-ops.
@@ -8,17 +9,14 @@
   what was not sent (metric points up to a bound, oldest dropped first), retries on later calls
   (at most once per ``retry_interval_s``) and, at :meth:`Tracker.close`, reports what was lost.
 * Config values whose key looks like a secret (token, password, secret, key) are redacted before
-  they are logged, both as params and in the logged ``config.yaml``.
+  they are logged, both as params and in the logged ``config.yaml``
+  (:mod:`deitlt_scale.tracking.redact`).
 """
 
 from __future__ import annotations
 
-import contextlib
-import json
 import logging
 import os
-import re
-import subprocess
 import time
 from collections import deque
 from collections.abc import Callable
@@ -28,7 +26,8 @@ from typing import TYPE_CHECKING, Any
 
 import yaml
 
-from deitlt_scale.config import Config, TrackingConfig
+from deitlt_scale.config import TrackingConfig
+from deitlt_scale.tracking.redact import mask_url, redact
 
 if TYPE_CHECKING:
     from mlflow import MlflowClient
@@ -36,10 +35,6 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 RUN_ID_FILE = "mlflow-run-id"
-REDACTED = "***"
-_SECRET_WORDS = frozenset(
-    {"token", "password", "passwd", "secret", "key", "apikey", "credential", "credentials"}
-)
 # Fail fast on an unreachable server (MLflow's defaults retry for minutes); the tracker's own
 # buffer-and-retry covers longer outages. A user's explicit setting wins.
 _HTTP_DEFAULTS = {
@@ -76,37 +71,6 @@ def read_run_id(run_dir: str | Path) -> str | None:
     return text or None
 
 
-def is_secret_key(key: str) -> bool:
-    """True when the last dotted component of ``key`` contains a secret-like word.
-
-    Words are split on ``_``, ``-`` and camelCase: ``tracking.api_key``, ``hfToken`` and
-    ``db.PASSWORD`` are secrets; ``checkpoint.keep_last`` and ``data.shards`` are not.
-    """
-    last = key.rsplit(".", 1)[-1]
-    spaced = re.sub(r"([a-z0-9])([A-Z])", r"\1_\2", last)
-    words = {w.lower() for w in re.split(r"[^A-Za-z0-9]+", spaced) if w}
-    return bool(words & _SECRET_WORDS) or last.lower() in _SECRET_WORDS
-
-
-def redact(params: dict[str, Any]) -> dict[str, Any]:
-    """A copy of a flat mapping with the values of secret-looking keys replaced by ``***`` and
-    passwords inside URLs (``scheme://user:pass@host``) masked."""
-    return {
-        k: (REDACTED if is_secret_key(k) and v not in (None, "") else mask_url(v))
-        for k, v in params.items()
-    }
-
-
-_URL_PASSWORD = re.compile(r"(?P<head>[a-zA-Z][a-zA-Z0-9+.-]*://[^:/@\s]+:)[^@/\s]+@")
-
-
-def mask_url(value: Any) -> Any:
-    """``http://user:secret@host`` -> ``http://user:***@host``; other values unchanged."""
-    if isinstance(value, str):
-        return _URL_PASSWORD.sub(lambda m: f"{m.group('head')}{REDACTED}@", value)
-    return value
-
-
 def unflatten(flat: dict[str, Any]) -> dict[str, Any]:
     """``{"a.b": 1}`` -> ``{"a": {"b": 1}}`` (inverse of :func:`deitlt_scale.config.flatten`)."""
     tree: dict[str, Any] = {}
@@ -120,53 +84,6 @@ def unflatten(flat: dict[str, Any]) -> dict[str, Any]:
             node = child
         node[parts[-1]] = value
     return tree
-
-
-def git_commit(path: str | Path | None = None) -> str | None:
-    """The commit of the git checkout holding ``path`` (default: this package), or None."""
-    where = Path(path) if path else Path(__file__).resolve().parent
-    try:
-        out = subprocess.run(
-            ["git", "-C", str(where), "rev-parse", "HEAD"],
-            capture_output=True,
-            text=True,
-            timeout=10,
-            check=False,
-        )
-    except (OSError, subprocess.SubprocessError):
-        return None
-    if out.returncode != 0:
-        return None
-    return out.stdout.strip() or None
-
-
-def standard_tags(
-    cfg: Config, world_size: int, device: str, dataset: str | None = None
-) -> dict[str, str]:
-    """The run tags every training job sets: dataset, model, teacher, git commit, world, device.
-
-    ``dataset`` defaults to the ``dataset`` field of the shards' meta.json, else the shards
-    directory name.
-    """
-    if dataset is None:
-        dataset = Path(cfg.data.shards).name
-        meta = Path(cfg.data.shards) / "meta.json"
-        if meta.is_file():
-            with contextlib.suppress(json.JSONDecodeError, AttributeError):
-                dataset = str(json.loads(meta.read_text()).get("dataset") or dataset)
-    tags = {
-        "dataset": dataset,
-        "model": cfg.model.arch,
-        "teacher": cfg.teacher.path or "none",
-        "task": cfg.train.task,
-        "world_size": str(world_size),
-        "device": device,
-    }
-    commit = git_commit()
-    if commit:
-        tags["git_commit"] = commit
-        tags["mlflow.source.git.commit"] = commit  # shown by the MLflow UI
-    return tags
 
 
 # --------------------------------------------------------------------------------------------
