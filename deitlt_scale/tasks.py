@@ -67,7 +67,7 @@ class Task:
 
     @classmethod
     def check(cls, cfg: Config) -> None:
-        """Config rules of this kind of run (called by :func:`deitlt_scale.config.validate`)."""
+        """Config rules of this kind of run (see :func:`check`); raises :class:`ConfigError`."""
         if cfg.optim.sam_rho > 0:
             raise ConfigError(
                 f"optim.sam_rho > 0 needs train.task=teacher (SAM trains CNN teachers), got a "
@@ -318,14 +318,23 @@ def task_class(cfg: Config) -> type[Task]:
     return DeiTLTTask if cfg.model.distilled else ViTTask
 
 
+def check(cfg: Config) -> type[Task]:
+    """The kind of run ``cfg`` describes, after the config rules of that kind (one-line
+    :class:`ConfigError`); every command that builds a run calls it before anything else."""
+    kind = task_class(cfg)
+    kind.check(cfg)
+    return kind
+
+
 def create(cfg: Config, meta: DatasetMeta, device: torch.device | None = None) -> Task:
     """The run's task; ``device=None`` builds it without loading a teacher (evaluation)."""
-    return task_class(cfg)(cfg, meta, device)  # type: ignore[call-arg]
+    return check(cfg)(cfg, meta, device)  # type: ignore[call-arg]
 
 
 def require_command(cfg: Config, recipe: Any, command: str) -> None:
-    """Refuse a recipe handed to the wrong verb (a teacher recipe to ``deitlt train``)."""
-    kind = task_class(cfg)
+    """Check ``cfg`` (:func:`check`) and refuse a recipe handed to the wrong verb (a teacher
+    recipe to ``deitlt train``)."""
+    kind = check(cfg)
     if kind.command != command:
         raise UserError(
             f"{recipe} trains a {kind.name} (train.task={cfg.train.task}); run it with "

@@ -93,7 +93,9 @@ def test_two_ranks_report_exactly_what_one_process_reports_on_all_samples():
         port = s.getsockname()[1]
     ctx = mp.get_context("spawn")
     queue = ctx.Queue()
-    procs = [ctx.Process(target=_rank_main, args=(r, port, labels, predicted, queue)) for r in (0, 1)]
+    procs = [
+        ctx.Process(target=_rank_main, args=(r, port, labels, predicted, queue)) for r in (0, 1)
+    ]
     for p in procs:
         p.start()
     got = dict((rank, (m, t)) for rank, m, t in (queue.get(timeout=120) for _ in procs))

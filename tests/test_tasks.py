@@ -158,8 +158,9 @@ def test_vit_baseline_has_no_teacher_and_predicts_with_cls():
 
 
 def test_vit_baseline_refuses_a_distillation_type():
+    cfg = config.load(STUDENT_RECIPE, ["model.distilled=false", "distill.type=hard"])
     with pytest.raises(ConfigError, match="model.distilled must be true"):
-        config.load(STUDENT_RECIPE, ["model.distilled=false", "distill.type=hard"])
+        tasks.check(cfg)
 
 
 def test_teacher_trains_on_unmixed_images_with_the_ldam_loss():
@@ -177,13 +178,15 @@ def test_teacher_trains_on_unmixed_images_with_the_ldam_loss():
 
 
 def test_teacher_recipe_with_mixup_is_refused():
+    cfg = config.load(TEACHER_RECIPE, ["data.mixup.prob=1.0", "data.mixup.mixup_alpha=0.8"])
     with pytest.raises(ConfigError, match=r"data.mixup.prob must be 0 for train.task=teacher"):
-        config.load(TEACHER_RECIPE, ["data.mixup.prob=1.0", "data.mixup.mixup_alpha=0.8"])
+        tasks.check(cfg)
 
 
 def test_sam_is_refused_for_students():
+    cfg = config.load(STUDENT_RECIPE, ["optim.sam_rho=0.05"])
     with pytest.raises(ConfigError, match="optim.sam_rho"):
-        config.load(STUDENT_RECIPE, ["optim.sam_rho=0.05"])
+        tasks.check(cfg)
 
 
 def test_a_recipe_given_to_the_wrong_command_names_the_right_one():

@@ -99,16 +99,19 @@ def run_training(
 
 
 def _start_tracker(cfg, trainer, world, broadcast_object):
-    """Rank 0 creates (or continues) the MLflow run; the other ranks learn its id."""
+    """The run's metric writer: step lines on the console plus the MLflow run, which rank 0
+    creates (or continues) and whose id the other ranks learn."""
     from deitlt_scale import config as config_mod
-    from deitlt_scale.tracking import Tracker, standard_tags
+    from deitlt_scale.tracking import ConsoleWriter, FanOut, Tracker, standard_tags
 
+    console = ConsoleWriter(world.rank, trainer.steps.total, only=("train/",))
     tags = standard_tags(cfg, world.world_size, world.device.type, dataset=trainer.meta.dataset)
     if world.is_main:
         tracker = Tracker.start(
             cfg.tracking, trainer.run_dir, config_mod.flatten(cfg), tags, rank=0
         )
         broadcast_object(tracker.run_id)
-        return tracker
+        return FanOut(console, tracker)
     run_id = broadcast_object(None)
-    return Tracker.start(cfg.tracking, trainer.run_dir, {}, tags, rank=world.rank, run_id=run_id)
+    tracker = Tracker.start(cfg.tracking, trainer.run_dir, {}, tags, rank=world.rank, run_id=run_id)
+    return FanOut(console, tracker)

@@ -26,6 +26,7 @@ from deitlt_scale.data import meta as meta_mod
 from deitlt_scale.engine import checkpoint
 from deitlt_scale.engine.distributed import World, deepspeed_config
 from deitlt_scale.engine.evaluate import EvalResult, evaluate_run, format_table
+from deitlt_scale.tracking.writer import MetricWriter
 
 EXIT_REQUEUE = 75  # stopped by a signal after a complete checkpoint: requeue and resume
 EXIT_NONFINITE = 3
@@ -116,7 +117,7 @@ class Trainer:
         )
 
     # ---------------------------------------------------------------- loop
-    def train(self, tracker: Any) -> int:
+    def train(self, tracker: MetricWriter) -> int:
         """Run to the end (0), or stop on a signal after a checkpoint (EXIT_REQUEUE)."""
         self.tracker = tracker
         self._install_signal_handlers()
@@ -352,8 +353,6 @@ class Trainer:
         metrics["train/epoch"] = self.state.step / self.steps.steps_per_epoch
         if self.world.is_main:
             self.tracker.log_metrics(metrics, self.state.step)
-            shown = " ".join(f"{k.split('/')[-1]}={v:.4g}" for k, v in metrics.items())
-            print(f"[step {self.state.step}/{self.steps.total}] {shown}", flush=True)
 
     def _images_per_step(self) -> int:
         t = self.cfg.train

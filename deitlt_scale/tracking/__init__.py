@@ -16,12 +16,13 @@ from deitlt_scale.tracking.mlflow_writer import (
 )
 from deitlt_scale.tracking.redact import REDACTED, is_secret_key, mask_url, redact
 from deitlt_scale.tracking.tags import git_commit, standard_tags
-from deitlt_scale.tracking.writer import MetricWriter
+from deitlt_scale.tracking.writer import FanOut, MetricWriter
 
 __all__ = [
     "REDACTED",
     "RUN_ID_FILE",
     "ConsoleWriter",
+    "FanOut",
     "MetricWriter",
     "Tracker",
     "git_commit",

@@ -20,10 +20,14 @@ class ConsoleWriter:
     never printed. After :meth:`close` every call does nothing.
     """
 
-    def __init__(self, rank: int = 0, total_steps: int | None = None) -> None:
+    def __init__(
+        self, rank: int = 0, total_steps: int | None = None, only: tuple[str, ...] = ()
+    ) -> None:
+        """``only``: name prefixes to print (e.g. ``("train/",)``); all are kept regardless."""
         self.run_id: str | None = None  # a console has no run to name
         self.rank = rank
         self.total_steps = total_steps
+        self.only = only
         self.last: dict[str, float] = {}  # metric name -> last value logged
         self.last_step: int | None = None
         self.params: dict[str, Any] = {}
@@ -43,6 +47,8 @@ class ConsoleWriter:
                 log.debug("console: metric %s=%r is not a number; skipped", key, value)
         self.last.update(numbers)
         self.last_step = int(step)
+        if self.only:
+            numbers = {k: v for k, v in numbers.items() if k.startswith(self.only)}
         if self.rank != 0 or not numbers:
             return
         where = f"{step}/{self.total_steps}" if self.total_steps is not None else f"{step}"

@@ -40,3 +40,34 @@ class MetricWriter(Protocol):
     def close(self, status: str = "FINISHED") -> None:
         """End the run with ``status`` (FINISHED, FAILED or KILLED); later calls do nothing."""
         ...
+
+
+class FanOut:
+    """One :class:`MetricWriter` that forwards every call to several (e.g. console + MLflow)."""
+
+    def __init__(self, *writers: MetricWriter) -> None:
+        self.writers = writers
+
+    @property
+    def run_id(self) -> str | None:  # type: ignore[override]
+        return next((w.run_id for w in self.writers if w.run_id is not None), None)
+
+    def log_metrics(self, metrics: dict[str, float], step: int) -> None:
+        for w in self.writers:
+            w.log_metrics(metrics, step)
+
+    def log_params(self, params: dict[str, Any]) -> None:
+        for w in self.writers:
+            w.log_params(params)
+
+    def set_tags(self, tags: dict[str, Any]) -> None:
+        for w in self.writers:
+            w.set_tags(tags)
+
+    def log_artifact(self, path: str | Path, artifact_path: str | None = None) -> None:
+        for w in self.writers:
+            w.log_artifact(path, artifact_path)
+
+    def close(self, status: str = "FINISHED") -> None:
+        for w in self.writers:
+            w.close(status)
