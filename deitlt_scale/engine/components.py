@@ -8,7 +8,7 @@ from typing import Any
 
 import torch
 
-from deitlt_scale.config import Config, Steps
+from deitlt_scale.config import Config, OptimConfig, Steps
 from deitlt_scale.data.meta import DatasetMeta
 from deitlt_scale.engine.distributed import World
 
@@ -20,15 +20,15 @@ def peak_lr(cfg: Config, world_size: int) -> float:
 
 
 def build_engine(
-    model: torch.nn.Module, cfg: Config, ds_config: dict, lr: float, device: torch.device
+    model: torch.nn.Module, optim: OptimConfig, ds_config: dict, lr: float, device: torch.device
 ) -> Any:
+    """``deepspeed.initialize`` around ``model`` with the project's optimizer (param groups,
+    fused AdamW on CUDA); the lr is set per step by the trainer."""
     import deepspeed
 
     from deitlt_scale.optim import build_optimizer
 
-    optimizer = build_optimizer(
-        model, cfg.optim, lr, fused=cfg.optim.fused and device.type == "cuda"
-    )
+    optimizer = build_optimizer(model, optim, lr, fused=optim.fused and device.type == "cuda")
     engine, *_ = deepspeed.initialize(model=model, optimizer=optimizer, config=ds_config)
     return engine
 

@@ -90,7 +90,7 @@ class Trainer:
         if cfg.model.compile:
             model = torch.compile(model, mode=cfg.model.compile_mode)
         self.engine = components.build_engine(
-            model, cfg, self.ds_config, self.peak_lr, world.device
+            model, cfg.optim, self.ds_config, self.peak_lr, world.device
         )
         self.train_loader = self.eval_loader = None
         if with_data:
