@@ -226,3 +226,73 @@ def test_paco_loss_refuses_logits_of_another_class_count():
         PaCoLoss(PaCoConfig(), [4, 3, 2, 1])(
             torch.randn(6, 2), torch.zeros(6).long(), torch.randn(2, 3)
         )
+
+
+# --------------------------------------------------------------------------------------------
+# Across ranks (two gloo processes on CPU)
+
+
+def _two_rank_worker(rank: int, init: str, out: str) -> None:
+    from deitlt_scale.models.moco import batch_shuffle, batch_unshuffle
+
+    torch.distributed.init_process_group("gloo", init_method=init, rank=rank, world_size=2)
+    try:
+        torch.manual_seed(0)  # the same container on both ranks, as after a DDP broadcast
+        model = MoCo("resnet32", K, moco_dim=4, moco_k=12)
+        randomize_bn(model)
+        torch.manual_seed(100 + rank)  # each rank its own samples and its own (unused) draws
+        x = torch.arange(3.0).repeat(2, 1).T + 10 * rank  # rows: this rank's sample ids
+        shuffled, unshuffle = batch_shuffle(x)
+        back = batch_unshuffle(shuffled * 2, unshuffle)
+        model.eval()  # BatchNorm on running statistics: keys do not depend on the shuffle
+        im_k = images(3, size=8, seed=rank)
+        out_train = model.forward_train(images(3, size=8, seed=5 + rank), im_k, torch.arange(3))
+        with torch.no_grad():
+            direct = F.normalize(model.encoder_k(im_k)[1], dim=1)
+        model.enqueue(out_train.keys, torch.arange(3) + 3 * rank)
+        torch.save(
+            {
+                "shuffled": shuffled,
+                "back": back,
+                "keys": out_train.keys,
+                "direct": direct,
+                "queue": model.queue.clone(),
+                "queue_l": model.queue_l.clone(),
+                "ptr": int(model.queue_ptr),
+            },
+            f"{out}/rank{rank}.pt",
+        )
+    finally:
+        torch.distributed.destroy_process_group()
+
+
+@pytest.fixture(scope="module")
+def two_ranks(tmp_path_factory):
+    import torch.multiprocessing as mp
+
+    tmp = tmp_path_factory.mktemp("gloo")
+    mp.spawn(_two_rank_worker, args=(f"file://{tmp}/rendezvous", str(tmp)), nprocs=2)
+    return [torch.load(tmp / f"rank{r}.pt") for r in range(2)]
+
+
+def test_batch_shuffle_deals_a_permutation_of_the_global_batch_and_unshuffle_inverts_it(
+    two_ranks,
+):
+    dealt = torch.cat([r["shuffled"][:, 0] for r in two_ranks])
+    assert sorted(dealt.tolist()) == [0.0, 1.0, 2.0, 10.0, 11.0, 12.0]
+    for rank, r in enumerate(two_ranks):
+        expected = (torch.arange(3.0).repeat(2, 1).T + 10 * rank) * 2
+        assert torch.equal(r["back"], expected)
+
+
+def test_keys_under_shuffling_bn_come_back_to_their_own_samples(two_ranks):
+    for r in two_ranks:
+        torch.testing.assert_close(r["keys"], r["direct"], rtol=0, atol=1e-6)
+
+
+def test_enqueue_fills_the_queue_with_every_ranks_keys_in_rank_order(two_ranks):
+    keys = torch.cat([r["keys"] for r in two_ranks])
+    for r in two_ranks:
+        assert r["ptr"] == 6
+        assert torch.equal(r["queue"][:6], keys)
+        assert r["queue_l"][:6].tolist() == [0, 1, 2, 3, 4, 5]

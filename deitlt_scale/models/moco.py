@@ -15,6 +15,9 @@ Parts (state-dict names, which ``deitlt teacher import --format paco`` reads):
 its own forward passes). Inference is ``linear(pooled feature of encoder_q)``, the projection is
 not computed.
 
+Across ranks (torch.distributed initialised, world > 1) the keys are computed with MoCo's
+shuffling BN (:func:`batch_shuffle`) and the queue is filled with every rank's keys.
+
 Differences from the reference, deliberately: the queue starts with unit-norm rows (the reference
 normalises the random queue over its length, so its first keys are nearly zero) and the pooled
 feature is returned by the encoder rather than captured by a forward hook. Both concern only
@@ -173,7 +176,7 @@ class MoCo(nn.Module):
     def enqueue(self, keys: Tensor, labels: Tensor) -> None:
         """Replace the oldest ``len(keys)`` queue rows by ``keys``/``labels``, gathered from
         every rank in rank order when torch.distributed is initialised (as the reference)."""
-        if torch.distributed.is_available() and torch.distributed.is_initialized():
+        if _distributed():
             keys, labels = _all_gather(keys), _all_gather(labels)
         n = keys.shape[0]
         if self.moco_k % n:
@@ -195,8 +198,15 @@ class MoCo(nn.Module):
         feat_q, proj_q = self.encoder_q(im_q)
         q = F.normalize(proj_q, dim=1)
         with torch.no_grad():
-            _, proj_k = self.encoder_k(im_k)
-            k = F.normalize(proj_k, dim=1)
+            if _distributed():
+                # Shuffling BN (MoCo): the key encoder's BatchNorm sees a random sub-batch of the
+                # global batch, so its statistics cannot tie a key to its own query.
+                shuffled, unshuffle = batch_shuffle(im_k)
+                _, proj_k = self.encoder_k(shuffled)
+                k = batch_unshuffle(F.normalize(proj_k, dim=1), unshuffle)
+            else:
+                _, proj_k = self.encoder_k(im_k)
+                k = F.normalize(proj_k, dim=1)
         queue, queue_l = self.queue.clone(), self.queue_l.clone()
         return MoCoOutput(
             features=torch.cat([q, k.to(q.dtype), queue.to(q.dtype)], dim=0),
@@ -210,8 +220,41 @@ class MoCo(nn.Module):
         return self.linear(self.encoder_q.features(images))
 
 
+def _distributed() -> bool:
+    return (
+        torch.distributed.is_available()
+        and torch.distributed.is_initialized()
+        and torch.distributed.get_world_size() > 1
+    )
+
+
 def _all_gather(t: Tensor) -> Tensor:
+    """Every rank's ``t`` (same shape on all ranks), concatenated in rank order; no gradient."""
     world = torch.distributed.get_world_size()
     out = [torch.empty_like(t) for _ in range(world)]
     torch.distributed.all_gather(out, t.contiguous())
     return torch.cat(out, dim=0)
+
+
+@torch.no_grad()
+def batch_shuffle(x: Tensor) -> tuple[Tensor, Tensor]:
+    """This rank's share of a random permutation of the global batch (every rank's ``x``).
+
+    Rank 0 draws the permutation and broadcasts it. Returns ``(shuffled, unshuffle)``: the
+    ``len(x)`` samples this rank now holds, and the index that :func:`batch_unshuffle` inverts
+    the permutation with.
+    """
+    gathered = _all_gather(x)
+    rank, world = torch.distributed.get_rank(), torch.distributed.get_world_size()
+    perm = torch.randperm(gathered.shape[0], device=x.device)
+    torch.distributed.broadcast(perm, src=0)
+    return gathered[perm.view(world, -1)[rank]], torch.argsort(perm)
+
+
+@torch.no_grad()
+def batch_unshuffle(y: Tensor, unshuffle: Tensor) -> Tensor:
+    """The rows of ``y`` (computed on :func:`batch_shuffle`'s output) back on the ranks and in
+    the order of the original samples."""
+    gathered = _all_gather(y)
+    rank, world = torch.distributed.get_rank(), torch.distributed.get_world_size()
+    return gathered[unshuffle.view(world, -1)[rank]]
