@@ -128,21 +128,19 @@ def is_teacher_arch(arch: str) -> bool:
     return arch in TEACHER_ARCHS or is_timm_arch(arch)
 
 
-def timm_input_config(arch: str) -> tuple[int, tuple[float, ...], tuple[float, ...], str]:
-    """``(input side in px, mean, std, classifier module name)`` from timm's pretrained_cfg of
-    ``arch`` (the tagged config when the name carries a tag, else the arch's default)."""
+def timm_input_config(arch: str) -> tuple[int, tuple[float, ...], tuple[float, ...]]:
+    """``(input side in px, mean, std)`` from timm's pretrained_cfg of ``arch`` (the tagged
+    config when the name carries a tag, else the arch's default)."""
     from timm.models import get_pretrained_cfg
 
     cfg = get_pretrained_cfg(arch)
-    if cfg is None:
+    size = cfg.input_size[-1] if cfg is not None and cfg.input_size else None
+    if cfg is None or not size or not cfg.mean or not cfg.std:
         raise UserError(
-            f"timm has no pretrained config for {arch!r}; pass --input-size, --mean, --std"
+            f"timm has no input size or normalisation for {arch!r}; pass --input-size, --mean "
+            "and --std"
         )
-    size = cfg.input_size[-1] if cfg.input_size else None
-    if not size or not cfg.mean or not cfg.std or not cfg.classifier:
-        raise UserError(f"timm's config for {arch!r} lacks its input size, mean, std or classifier")
-    classifier = cfg.classifier if isinstance(cfg.classifier, str) else cfg.classifier[0]
-    return int(size), tuple(cfg.mean), tuple(cfg.std), classifier
+    return int(size), tuple(cfg.mean), tuple(cfg.std)
 
 
 def create_teacher_arch(arch: str, num_classes: int, normed: bool = False) -> nn.Module:
