@@ -14,7 +14,7 @@ from deitlt_scale.config import PaCoConfig
 from deitlt_scale.errors import UserError
 from deitlt_scale.losses import PaCoLoss
 from deitlt_scale.models.importers import import_checkpoint
-from deitlt_scale.models.moco import MoCo
+from deitlt_scale.models.moco import MoCo, teacher_from_moco
 from deitlt_scale.models.teacher_file import load_teacher
 
 K = 5
@@ -162,6 +162,16 @@ def test_a_saved_container_imports_as_a_teacher_with_the_same_logits(arch, size,
     with torch.no_grad():
         torch.testing.assert_close(teacher(x), model(x), rtol=0, atol=1e-5)
     assert (info.arch, info.num_classes, info.normed) == (arch, K, False)
+
+
+def test_teacher_from_moco_computes_the_containers_inference(moco32):
+    randomize_bn(moco32)
+    moco32.eval()
+    teacher = teacher_from_moco(moco32).eval()
+    x = images(2)
+    with torch.no_grad():
+        torch.testing.assert_close(teacher(x), moco32(x), rtol=0, atol=1e-6)
+    assert not any(name.startswith("fc") for name in teacher.state_dict())
 
 
 # --------------------------------------------------------------------------------------------

@@ -220,6 +220,23 @@ class MoCo(nn.Module):
         return self.linear(self.encoder_q.features(images))
 
 
+def teacher_from_moco(model: MoCo) -> nn.Module:
+    """The plain teacher network PaCo's inference computes: ``encoder_q`` without its projection,
+    with ``linear`` as the classifier (``linear`` for resnet32, ``fc`` for resnet50), converted
+    as ``deitlt teacher import --format paco`` converts a saved checkpoint. Ready for
+    :func:`~deitlt_scale.models.teacher_file.save_teacher` (``normed: false``)."""
+    from deitlt_scale.models.importers import convert_state
+    from deitlt_scale.models.teacher_file import load_state_strict
+    from deitlt_scale.models.teachers import create_teacher_arch
+
+    state, _ = convert_state("paco", {"state_dict": model.state_dict()}, model.arch, "the model")
+    teacher = create_teacher_arch(model.arch, model.num_classes)
+    load_state_strict(
+        teacher, state, "the PaCo model", f"{model.arch} with {model.num_classes} classes"
+    )
+    return teacher
+
+
 def _distributed() -> bool:
     return (
         torch.distributed.is_available()
