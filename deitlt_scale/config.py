@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
+import itertools
 import json
 import types
 import typing
@@ -40,6 +41,14 @@ class AugmentConfig:
     randaugment_magnitude: int = 9  # out of 10, as timm's "m9"
     random_erasing: float = 0.25  # probability, pixel mode, one box
     eval_crop_pct: float = 224 / 256  # eval resizes the shorter side to size / crop_pct
+    # random_resized: RandomResizedCrop(image_size, scale, ratio). pad_crop: the CIFAR teachers'
+    # weak crop, zero-pad `pad` px on every side, then a random image_size crop (scale and ratio
+    # unused); images must already be image_size px.
+    crop: Literal["random_resized", "pad_crop"] = "random_resized"
+    pad: int = 4  # pixels, pad_crop only
+    # ColorJitter(brightness=c, contrast=c, saturation=c, hue=0) after the crop and flip, as the
+    # L-D-SAM ImageNet-LT / iNaturalist teachers train (0.4); 0 switches it off.
+    color_jitter: float = 0.0
 
 
 @dataclass
@@ -125,18 +134,69 @@ class OptimConfig:
     betas: tuple[float, float] = (0.9, 0.999)
     eps: float = 1e-8
     momentum: float = 0.9  # sgd only
-    sam_rho: float = 0.0  # > 0 wraps the optimizer in SAM (teacher training)
+    sam_rho: float = 0.0  # > 0 wraps the optimizer in SAM (teacher training); rho from epoch 0
+    # Step schedule of rho (optim.rho_at): sam_rho_values[i] applies from epoch
+    # sam_rho_milestones[i] on (0-indexed epochs, increasing); empty keeps sam_rho throughout.
+    sam_rho_milestones: tuple[float, ...] = ()
+    sam_rho_values: tuple[float, ...] = ()
     sam_adaptive: bool = False
+    # Weight decay on every parameter, biases and norms included (the SGD recipes of the CNN
+    # teachers); False exempts biases, norms and tokens (DeiT).
+    decay_all: bool = False
     fused: bool = True  # on CUDA: torch's single-kernel AdamW update (ignored elsewhere)
 
 
 @dataclass
 class ScheduleConfig:
-    """Linear warm-up then cosine to min_lr, timm CosineLRScheduler semantics (warmup_prefix=False)."""
+    """The lr rule of :func:`deitlt_scale.optim.scheduled_lr`: a linear warm-up, then
 
+    * ``cosine``: cosine to min_lr, timm CosineLRScheduler semantics (by default measured from
+      step 0, ``warmup_prefix: true`` starts it after the warm-up);
+    * ``step``: the peak lr times ``factors[i]`` from epoch ``milestones[i]`` on.
+
+    ``per_epoch: true`` holds the lr constant within each epoch, as the reference CNN trainers
+    set it once per epoch: epoch e of the warm-up trains at (e + 1) / warmup_epochs of the way
+    from warmup_lr to the peak, and the cosine is evaluated at the epoch's first step.
+    """
+
+    kind: Literal["cosine", "step"] = "cosine"
     warmup_epochs: float = 5.0
     warmup_lr: float = 1e-6
-    min_lr: float = 1e-5
+    min_lr: float = 1e-5  # cosine only
+    warmup_prefix: bool = False  # cosine only: the cosine spans the epochs after the warm-up
+    milestones: tuple[float, ...] = ()  # step only: 0-indexed epochs, increasing
+    factors: tuple[float, ...] = ()  # step only: lr = peak * factors[i] from milestones[i] on
+    per_epoch: bool = False
+
+
+@dataclass
+class PaCoConfig:
+    """Parametric contrastive learning (Cui et al. 2021) for teacher training; see
+    :class:`deitlt_scale.losses.PaCoLoss` and :mod:`deitlt_scale.models.moco`.
+
+    Defaults are the published CIFAR-100-LT recipe (PaCo/LT ``sh/CIFAR100_train_imb0.01.sh``).
+    """
+
+    enabled: bool = False  # train.task=teacher trains the MoCo container with the PaCo loss
+    alpha: float = 0.01  # weight of the contrastive (same-class sample) positives
+    beta: float = 1.0  # weight of the class-centre positive
+    gamma: float = 1.0  # weight of the sample terms in the softmax denominator
+    temperature: float = 0.05  # moco-t: divides the query-key similarities
+    moco_k: int = 1024  # queue length (keys); a multiple of the global batch
+    moco_dim: int = 32  # width of the projection the contrast is computed on
+    moco_m: float = 0.999  # momentum of the key encoder
+    feat_dim: int | None = None  # pooled feature width; None: the arch's (64 | 2048)
+    mlp: bool = True  # Linear-BN-ReLU-Linear projection (False: one Linear)
+    # The two augmented views (query, key) of the published scripts:
+    #   cifar: RandomCrop(32, pad 4) + flip + AutoAugment(CIFAR10) + Cutout(16) /
+    #          RandomResizedCrop(32, scale 0.2-1) + flip + ColorJitter(.4,.4,.4,.1) p0.8
+    #          + grayscale p0.2 + GaussianBlur(0.1-2) p0.5 (`--aug cifar100`);
+    #   randcls_sim: RandomResizedCrop(224) + flip + ColorJitter(.4,.4,.4,0) + RandAugment
+    #          n{randaug_n} m{randaug_m} mstd0.5 / RandomResizedCrop(224) + ColorJitter(.4,.4,.4,0)
+    #          + grayscale p0.2 + GaussianBlur p0.5 + flip (`--aug randcls_sim`).
+    views: Literal["cifar", "randcls_sim"] = "cifar"
+    randaug_n: int = 2
+    randaug_m: int = 10
 
 
 @dataclass
@@ -202,6 +262,7 @@ class Config:
     tracking: TrackingConfig = field(default_factory=TrackingConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
     runtime: RuntimeConfig = field(default_factory=RuntimeConfig)
+    paco: PaCoConfig = field(default_factory=PaCoConfig)
 
 
 # --------------------------------------------------------------------------------------------
@@ -331,6 +392,68 @@ def validate(cfg: Config) -> None:
     )
     _require(0 < a.eval_crop_pct <= 1, "data.augment.eval_crop_pct", "must be in (0, 1]")
     _require(cfg.checkpoint.keep_last >= 1, "checkpoint.keep_last", "must be >= 1")
+    _validate_schedules_and_paco(cfg)
+
+
+def _validate_schedules_and_paco(cfg: Config) -> None:
+    """The lr / rho step schedules, the teacher crops and the PaCo section."""
+    sc, o, a, t = cfg.schedule, cfg.optim, cfg.data.augment, cfg.train
+    _check_milestones("schedule.milestones", sc.milestones, t.epochs)
+    _require(
+        len(sc.factors) == len(sc.milestones),
+        "schedule.factors",
+        f"needs one factor per milestone ({len(sc.milestones)}), got {len(sc.factors)}",
+    )
+    _require(all(f > 0 for f in sc.factors), "schedule.factors", f"must be > 0, got {sc.factors}")
+    _require(
+        sc.kind == "step" or not sc.milestones,
+        "schedule.milestones",
+        f"apply to schedule.kind=step only, but schedule.kind is {sc.kind}",
+    )
+    _require(
+        not sc.per_epoch or float(sc.warmup_epochs).is_integer(),
+        "schedule.warmup_epochs",
+        f"must be a whole number of epochs with schedule.per_epoch, got {sc.warmup_epochs}",
+    )
+    _check_milestones("optim.sam_rho_milestones", o.sam_rho_milestones, t.epochs)
+    _require(
+        len(o.sam_rho_values) == len(o.sam_rho_milestones),
+        "optim.sam_rho_values",
+        f"needs one rho per milestone ({len(o.sam_rho_milestones)}), got {len(o.sam_rho_values)}",
+    )
+    _require(
+        all(r > 0 for r in o.sam_rho_values), "optim.sam_rho_values", "must be > 0 (SAM stays on)"
+    )
+    _require(
+        o.sam_rho > 0 or not o.sam_rho_milestones,
+        "optim.sam_rho_milestones",
+        "need optim.sam_rho > 0 (the rho of the first epochs, which switches SAM on)",
+    )
+    _require(a.pad >= 0, "data.augment.pad", f"must be >= 0, got {a.pad}")
+    _require(a.color_jitter >= 0, "data.augment.color_jitter", "must be >= 0")
+    p = cfg.paco
+    if p.enabled:
+        _require(p.temperature > 0, "paco.temperature", f"must be > 0, got {p.temperature}")
+        _require(p.moco_k >= 1 and p.moco_dim >= 1, "paco.moco_k", "and paco.moco_dim must be >= 1")
+        _require(0.0 <= p.moco_m < 1.0, "paco.moco_m", f"must be in [0, 1), got {p.moco_m}")
+        _require(
+            min(p.alpha, p.beta, p.gamma) >= 0 and p.beta > 0,
+            "paco.beta",
+            "must be > 0 and paco.alpha, paco.gamma >= 0 (every query needs a positive)",
+        )
+
+
+def _check_milestones(key: str, milestones: tuple[float, ...], epochs: int) -> None:
+    _require(
+        all(0 < m < epochs for m in milestones),
+        key,
+        f"must lie in (0, train.epochs={epochs}), got {list(milestones)}",
+    )
+    _require(
+        all(a < b for a, b in itertools.pairwise(milestones)),
+        key,
+        f"must increase, got {list(milestones)}",
+    )
 
 
 def validate_world(cfg: Config, world_size: int) -> None:
@@ -461,6 +584,10 @@ def _coerce(tp: Any, value: Any, key: str) -> Any:
         if value in args and type(value) is type(args[args.index(value)]):
             return value
         raise ConfigError(f"{key} must be one of {', '.join(map(str, args))}, got {value!r}")
+    if origin is tuple and len(args) == 2 and args[1] is Ellipsis:  # tuple[X, ...]
+        if not isinstance(value, list | tuple):
+            raise ConfigError(f"{key} must be a list, got {value!r}")
+        return tuple(_coerce(args[0], v, f"{key}[{i}]") for i, v in enumerate(value))
     if origin is tuple:
         if not isinstance(value, list | tuple) or len(value) != len(args):
             raise ConfigError(f"{key} must be a list of {len(args)} values, got {value!r}")

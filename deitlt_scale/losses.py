@@ -1,4 +1,4 @@
-"""Objectives: the DeiT-LT student loss (METHOD.md 5) and the teacher losses (LDAM, CE).
+"""Objectives: the DeiT-LT student loss (METHOD.md 5) and the teacher losses (LDAM, CE, PaCo).
 
 Student, hard distillation (the paper's recipe)::
 
@@ -22,7 +22,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from deitlt_scale.config import DistillConfig
+from deitlt_scale.config import DistillConfig, PaCoConfig
 from deitlt_scale.data.longtail import drw_weights
 
 if TYPE_CHECKING:
@@ -244,3 +244,77 @@ def teacher_objective(
     if cfg.teacher_loss == "ldam":
         return LDAMObjective(cfg, train_counts)
     return CEObjective(cfg, train_counts)
+
+
+class PaCoLoss:
+    """Parametric contrastive loss (Cui et al. 2021), the formula of PaCo/LT ``losses.py``.
+
+    For query i of B (label y_i) against the C class centres and the N = 2B + moco_k contrast
+    features ``f = [queries; keys; queue]`` (unit rows, labels ``l``)::
+
+        a_ic = z_ic + log(pi_c + 1e-9)            class-centre logits, z = linear(feature),
+                                                  pi the training class prior ("rebalanced")
+        a_ij = q_i . f_j / temperature            sample logits, j != i
+        P_i  = beta [c = y_i] over c  +  alpha [l_j = y_i, j != i] over j     (positive weights)
+        D_i  = sum_c exp(a_ic) + gamma sum_{j != i} exp(a_ij)                 (denominator)
+        L_i  = -sum P_i (a - log D_i) / sum P_i,      loss = mean_i L_i
+
+    The query's own key (j = B + i) and same-class queue entries are positives. Computed in fp32
+    with a log-sum-exp; returns ``{"loss"}`` as a 0-d device tensor.
+
+    Args:
+        cfg: the ``paco`` section (alpha, beta, gamma, temperature).
+        train_counts: training images per class in model-label order (the prior pi).
+    """
+
+    def __init__(self, cfg: PaCoConfig, train_counts: Sequence[int]) -> None:
+        counts = torch.as_tensor(list(train_counts), dtype=torch.float64)
+        if counts.ndim != 1 or len(counts) < 1 or (counts < 0).any() or counts.sum() <= 0:
+            raise ValueError(
+                "train_counts must be non-negative per-class counts with a positive sum"
+            )
+        if cfg.temperature <= 0 or cfg.beta <= 0 or cfg.alpha < 0 or cfg.gamma < 0:
+            raise ValueError(
+                "PaCo needs temperature > 0, beta > 0 and alpha, gamma >= 0, got "
+                f"{cfg.temperature}, {cfg.beta}, {cfg.alpha}, {cfg.gamma}"
+            )
+        self.alpha, self.beta, self.gamma = float(cfg.alpha), float(cfg.beta), float(cfg.gamma)
+        self.temperature = float(cfg.temperature)
+        self.num_classes = len(counts)
+        self._log_prior = _DeviceTensor(torch.log(counts / counts.sum() + 1e-9).float())
+
+    def __call__(self, features: Tensor, labels: Tensor, logits: Tensor) -> dict[str, Tensor]:
+        """``features`` (N, d) with the B queries first, ``labels`` (N,), ``logits`` (B, C) of
+        the queries (e.g. the fields of :class:`deitlt_scale.models.moco.MoCoOutput`)."""
+        b, c = logits.shape
+        if c != self.num_classes:
+            raise ValueError(f"logits have {c} classes, the class prior {self.num_classes}")
+        if features.shape[0] != labels.shape[0] or features.shape[0] < b:
+            raise ValueError(
+                f"features ({features.shape[0]}) and labels ({labels.shape[0]}) must align and "
+                f"hold the {b} queries first"
+            )
+        features, logits = features.float(), logits.float()
+        q_labels = labels[:b]
+        centre = logits + self._log_prior.on(logits.device)
+        sample = features[:b] @ features.T / self.temperature  # (B, N)
+        not_self = torch.ones_like(sample, dtype=torch.bool)
+        not_self[torch.arange(b, device=sample.device), torch.arange(b, device=sample.device)] = (
+            False
+        )
+        same = (q_labels[:, None] == labels[None, :]) & not_self
+        positives = torch.cat(
+            [
+                F.one_hot(q_labels, c).float() * self.beta,
+                same.float() * self.alpha,
+            ],
+            dim=1,
+        )
+        all_logits = torch.cat([centre, sample], dim=1)
+        # log D_i = logsumexp(a + log w), with w = 1 on centres, gamma on other samples, 0 on self.
+        sample_w = not_self.float() * self.gamma
+        log_w = torch.cat([torch.zeros_like(centre), torch.log(sample_w)], dim=1)
+        log_denominator = torch.logsumexp(all_logits + log_w, dim=1, keepdim=True)
+        log_prob = all_logits - log_denominator
+        per_query = -(positives * log_prob).sum(1) / positives.sum(1)
+        return {"loss": per_query.mean()}

@@ -1,7 +1,8 @@
-"""Optimiser pieces: parameter groups, the lr rule and schedule, AdamW/SGD, and SAM.
+"""Optimiser pieces: parameter groups, the lr rule and schedules, AdamW/SGD, SAM and its rho.
 
-The schedule is a pure function of the optimizer step (:func:`lr_at`): the loop sets the lr of
-every param group before each update, so resuming needs only the step number.
+Schedules are pure functions of the optimizer step (:func:`scheduled_lr`, :func:`lr_at`,
+:func:`step_lr_at`, :func:`rho_at`): the loop sets the lr (and SAM's rho) before each update,
+so resuming needs only the step number.
 """
 
 from __future__ import annotations
@@ -13,7 +14,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from deitlt_scale.config import OptimConfig
+from deitlt_scale.config import OptimConfig, ScheduleConfig
 
 # Token and position parameters are never decayed (DeiT, METHOD.md 6).
 NO_DECAY_NAMES = frozenset({"pos_embed", "cls_token", "dist_token"})
@@ -31,12 +32,18 @@ def _bare_name(name: str) -> str:
     return name
 
 
-def param_groups(model: nn.Module, weight_decay: float) -> list[dict[str, Any]]:
+def param_groups(
+    model: nn.Module, weight_decay: float, decay_all: bool = False
+) -> list[dict[str, Any]]:
     """Two groups: decayed weights, and undecayed biases, norms / other 1-D parameters,
     ``pos_embed``, ``cls_token``, ``dist_token`` (plus the model's ``no_weight_decay()`` names).
 
-    Frozen parameters are left out; empty groups are omitted.
+    ``decay_all``: one group, every parameter decayed (``SGD(model.parameters(), weight_decay=wd)``
+    of the CNN teacher recipes). Frozen parameters are left out; empty groups are omitted.
     """
+    if decay_all:
+        params = [p for p in model.parameters() if p.requires_grad]
+        return [{"params": params, "weight_decay": weight_decay}] if params else []
     skip = set(NO_DECAY_NAMES)
     inner = getattr(model, "_orig_mod", model)
     if hasattr(inner, "no_weight_decay"):
@@ -92,17 +99,120 @@ def lr_at(
     return min_lr + 0.5 * (peak - min_lr) * (1.0 + math.cos(math.pi * step / total_steps))
 
 
+def step_lr_at(
+    step: int | float,
+    *,
+    peak: float,
+    milestones: tuple[int, ...],
+    factors: tuple[float, ...],
+    warmup_steps: int,
+    warmup_lr: float,
+) -> float:
+    """Linear warm-up, then ``peak * factors[i]`` from step ``milestones[i]`` on (the last
+    milestone reached wins; before the first, ``peak``). Milestones are optimizer steps,
+    increasing; a milestone inside the warm-up takes effect once the warm-up ends.
+    """
+    if step < warmup_steps:
+        return warmup_lr + step * (peak - warmup_lr) / warmup_steps
+    lr = peak
+    for milestone, factor in zip(milestones, factors):
+        if step >= milestone:
+            lr = peak * factor
+    return lr
+
+
+def scheduled_lr(
+    step: int,
+    sched: ScheduleConfig,
+    *,
+    peak: float,
+    steps_per_epoch: int,
+    total_steps: int,
+) -> float:
+    """The lr of optimizer step ``step`` under ``sched`` (see :class:`ScheduleConfig`).
+
+    Args:
+        step: 0-indexed optimizer step.
+        peak: the peak lr (:func:`peak_lr`).
+        steps_per_epoch: optimizer steps per epoch; converts the epoch-denominated warm-up and
+            milestones (``round(epochs * steps_per_epoch)``, as ``config.resolve_steps``).
+        total_steps: steps the schedule spans (``Steps.scheduled``: epochs x steps_per_epoch).
+
+    With ``per_epoch`` the lr is constant within an epoch ``e = step // steps_per_epoch``: the
+    warm-up gives ``warmup_lr + (e + 1) * (peak - warmup_lr) / warmup_epochs`` (the ramp at the
+    epoch's end, as the reference CNN trainers), everything else is evaluated at the epoch's
+    first step.
+    """
+    if steps_per_epoch < 1:
+        raise ValueError(f"steps_per_epoch must be >= 1, got {steps_per_epoch}")
+    warmup_steps = round(sched.warmup_epochs * steps_per_epoch)
+    if sched.per_epoch:
+        epoch = step // steps_per_epoch
+        if epoch < sched.warmup_epochs:
+            frac = (epoch + 1) / sched.warmup_epochs
+            return sched.warmup_lr + frac * (peak - sched.warmup_lr)
+        step = epoch * steps_per_epoch
+    if sched.kind == "step":
+        return step_lr_at(
+            step,
+            peak=peak,
+            milestones=tuple(round(m * steps_per_epoch) for m in sched.milestones),
+            factors=tuple(sched.factors),
+            warmup_steps=warmup_steps,
+            warmup_lr=sched.warmup_lr,
+        )
+    if sched.warmup_prefix:
+        if step < warmup_steps:
+            return sched.warmup_lr + step * (peak - sched.warmup_lr) / warmup_steps
+        # The cosine over the steps after the warm-up, from the peak down to min_lr.
+        return lr_at(
+            step - warmup_steps,
+            peak=peak,
+            total_steps=total_steps - warmup_steps,
+            warmup_steps=0,
+            warmup_lr=sched.warmup_lr,
+            min_lr=sched.min_lr,
+        )
+    return lr_at(
+        step,
+        peak=peak,
+        total_steps=total_steps,
+        warmup_steps=warmup_steps,
+        warmup_lr=sched.warmup_lr,
+        min_lr=sched.min_lr,
+    )
+
+
+def rho_at(step: int, cfg: OptimConfig, steps_per_epoch: int) -> float:
+    """SAM's rho at optimizer step ``step``: ``cfg.sam_rho``, replaced by
+    ``cfg.sam_rho_values[i]`` from epoch ``cfg.sam_rho_milestones[i]`` on.
+
+    Milestones are 0-indexed epochs converted with ``round(epoch * steps_per_epoch)``, so the
+    value changes at an epoch boundary exactly as the reference's per-epoch ``adjust_rho``.
+    Returns 0.0 when SAM is off (``sam_rho <= 0``).
+    """
+    if cfg.sam_rho <= 0:
+        return 0.0
+    if steps_per_epoch < 1:
+        raise ValueError(f"steps_per_epoch must be >= 1, got {steps_per_epoch}")
+    rho = cfg.sam_rho
+    for milestone, value in zip(cfg.sam_rho_milestones, cfg.sam_rho_values):
+        if step >= round(milestone * steps_per_epoch):
+            rho = value
+    return rho
+
+
 def build_optimizer(
     model: nn.Module, cfg: OptimConfig, lr: float, fused: bool = False
 ) -> torch.optim.Optimizer:
-    """AdamW or SGD (momentum, no Nesterov) over :func:`param_groups`; ``fused`` (CUDA only)
-    uses torch's single-kernel AdamW.
+    """AdamW or SGD (momentum, no Nesterov) over :func:`param_groups` (``cfg.decay_all``: every
+    parameter decayed); ``fused`` (CUDA only) uses torch's single-kernel AdamW.
 
     SAM (``cfg.sam_rho > 0``) is not applied here: wrap the result in :class:`SAM`, or call
     :func:`sam_perturb` / :func:`sam_restore` around the backward passes (engines that own the
     optimizer step, e.g. DeepSpeed).
     """
-    groups = param_groups(model, cfg.weight_decay)
+    groups = param_groups(model, cfg.weight_decay, decay_all=cfg.decay_all)
     if cfg.name == "adamw":
         extra = {"fused": True} if fused else {}
         return torch.optim.AdamW(groups, lr=lr, betas=cfg.betas, eps=cfg.eps, **extra)

@@ -73,6 +73,8 @@ class Task:
                 f"optim.sam_rho > 0 needs train.task=teacher (SAM trains CNN teachers), got a "
                 f"{cls.name} run"
             )
+        if cfg.paco.enabled:
+            raise ConfigError(f"paco.enabled needs train.task=teacher, got a {cls.name} run")
 
     def build_model(self) -> nn.Module:
         raise NotImplementedError
@@ -241,6 +243,13 @@ class TeacherTask(Task):
 
     @classmethod
     def check(cls, cfg: Config) -> None:
+        if cfg.paco.enabled:
+            raise ConfigError(
+                "paco.enabled: training a PaCo teacher (two augmented views per image through "
+                "the MoCo container) is not part of `deitlt teacher train` yet; train L-D-SAM "
+                "(recipes/teacher_ldsam_*.yaml) or import a PaCo checkpoint with "
+                "`deitlt teacher import --format paco`"
+            )
         mix = cfg.data.mixup
         if mix.prob > 0 and (mix.mixup_alpha > 0 or mix.cutmix_alpha > 0):
             raise ConfigError(

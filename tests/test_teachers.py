@@ -240,8 +240,8 @@ def test_side_stream_gives_the_in_place_logits_without_host_syncs():
 
 
 def test_unknown_teacher_arch_is_a_user_error():
-    with pytest.raises(UserError, match="resnet18"):
-        create_teacher_arch("resnet18", K)
+    with pytest.raises(UserError, match="unknown teacher arch 'resnet33'.*timm model name"):
+        create_teacher_arch("resnet33", K)
 
 
 # --------------------------------------------------------------------------------------------
@@ -468,3 +468,92 @@ def test_cli_teacher_train_takes_a_recipe_overrides_and_dry_run():
         ["optim.lr=0.05"],
         True,
     )
+
+
+# --------------------------------------------------------------------------------------------
+# timm teachers
+
+
+@pytest.fixture(scope="module")
+def timm_regnet(tmp_path_factory):
+    """(checkpoint path, source model): a small timm RegNetY with random weights, saved as DeiT's
+    training script saves its teacher ({"model": state dict}) from a DataParallel model."""
+    import timm
+
+    torch.manual_seed(0)
+    src = timm.create_model("regnety_002", pretrained=False, num_classes=K)
+    randomize_bn(src)
+    src.eval()
+    path = tmp_path_factory.mktemp("timm") / "regnety_002.pth"
+    torch.save({"model": prefixed(src.state_dict()), "epoch": 299}, path)
+    return path, src
+
+
+def test_any_timm_cnn_is_a_teacher_arch_built_without_downloading():
+    model = create_teacher_arch("regnety_002", K)
+    assert model.get_classifier().out_features == K
+    with pytest.raises(UserError, match="normed.*resnet32 / resnet50 only"):
+        create_teacher_arch("regnety_002", K, normed=True)
+
+
+def test_timm_checkpoint_imports_with_timms_input_config_and_the_source_logits(
+    timm_regnet, tmp_path
+):
+    path, src = timm_regnet
+    report = import_checkpoint("timm", path, "regnety_002", K, None, tmp_path / "t")
+    assert (report.info.input_size, report.info.mean, report.info.std) == (
+        224,
+        (0.485, 0.456, 0.406),
+        (0.229, 0.224, 0.225),
+    )
+    teacher, info = load_teacher(tmp_path / "t")
+    assert (info.arch, info.normed, info.label_space) == ("regnety_002", False, "original")
+    x = images(224, 2)
+    with torch.no_grad():
+        torch.testing.assert_close(teacher(x), src(x), rtol=0, atol=1e-5)
+
+
+def test_timm_import_records_overridden_size_and_normalisation(timm_regnet, tmp_path):
+    path, _ = timm_regnet
+    report = import_checkpoint(
+        "timm", path, "regnety_002", K, 64, tmp_path / "t", mean=(0.5, 0.5, 0.5), std=(0.25,) * 3
+    )
+    info = json.loads((tmp_path / "t" / "teacher.json").read_text())
+    assert (info["input_size"], info["mean"], info["std"]) == (64, [0.5] * 3, [0.25] * 3)
+    assert report.info.input_size == 64
+
+
+def test_timm_checkpoint_with_a_wrong_class_count_is_a_clear_error(timm_regnet, tmp_path):
+    path, _ = timm_regnet
+    with pytest.raises(
+        UserError, match=r"head.fc.weight has shape \(7, 368\), expected \(3, 368\)"
+    ):
+        import_checkpoint("timm", path, "regnety_002", 3, None, tmp_path / "t")
+
+
+def test_format_and_arch_must_agree_on_who_builds_the_network(timm_regnet, paco_r32, tmp_path):
+    with pytest.raises(UserError, match="--format timm needs a timm model name.*--format paco"):
+        import_checkpoint("timm", paco_r32[0], "resnet32", K, 32, tmp_path / "t")
+    with pytest.raises(UserError, match="--format ldam needs --arch.*use --format timm"):
+        import_checkpoint("ldam", timm_regnet[0], "regnety_002", K, 224, tmp_path / "t")
+    with pytest.raises(UserError, match="--format paco needs --input-size"):
+        import_checkpoint("paco", paco_r32[0], "resnet32", K, None, tmp_path / "t")
+
+
+def test_teacher_json_with_an_unknown_arch_is_a_user_error(tmp_path):
+    save_teacher(tmp_path / "t", create_teacher_arch("resnet32", K), TeacherInfo("resnet32", K, 32))
+    info = json.loads((tmp_path / "t" / "teacher.json").read_text())
+    (tmp_path / "t" / "teacher.json").write_text(json.dumps({**info, "arch": "resnet33"}))
+    with pytest.raises(UserError, match="arch 'resnet33' is neither resnet32 nor resnet50 nor"):
+        load_teacher(tmp_path / "t")
+
+
+def test_cli_imports_a_timm_teacher_without_input_size(timm_regnet, tmp_path, capsys):
+    path, _ = timm_regnet
+    argv = ["teacher", "import", "--format", "timm", "--checkpoint", str(path)]
+    argv += ["--arch", "regnety_002", "--num-classes", str(K), "--out", str(tmp_path / "t")]
+    assert main(argv) == 0
+    out = capsys.readouterr().out
+    assert "regnety_002" in out and "224 px" in out and "logits verified" in out
+    assert main([*argv[:-1], str(tmp_path / "u"), "--format", "paco", "--arch", "resnet32"]) == 2
+    assert "needs --input-size" in capsys.readouterr().err

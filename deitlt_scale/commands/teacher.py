@@ -31,22 +31,23 @@ def register(parser: argparse.ArgumentParser) -> None:
 
     imp = sub.add_parser(
         "import",
-        help="convert a published PaCo / LDAM-DRW / torchvision checkpoint to a teacher file",
+        help="convert a published PaCo / LDAM-DRW / torchvision / timm checkpoint to a teacher file",
         description="Convert a public teacher checkpoint into a verified teacher directory "
         "(model.safetensors + teacher.json). See docs/teachers.md.",
     )
     imp.add_argument(
         "--format",
         required=True,
-        choices=("paco", "ldam", "torchvision"),
-        help="checkpoint layout: paco (MoCo wrapper), ldam (LDAM-DRW[-SAM]) or torchvision",
+        choices=("paco", "ldam", "torchvision", "timm"),
+        help="checkpoint layout: paco (MoCo wrapper), ldam (LDAM-DRW[-SAM]), torchvision, or "
+        "timm (a state dict of the timm model --arch)",
     )
     imp.add_argument("--checkpoint", required=True, help="the .pth/.pth.tar file to convert")
     imp.add_argument(
         "--arch",
         required=True,
-        choices=("resnet32", "resnet50"),
-        help="teacher network: resnet32 (CIFAR) or resnet50 (ImageNet-LT, iNaturalist)",
+        help="teacher network: resnet32 (CIFAR) or resnet50 (ImageNet-LT, iNaturalist) for "
+        "paco/ldam/torchvision; a timm model name (e.g. regnety_160) for --format timm",
     )
     imp.add_argument(
         "--num-classes", type=int, required=True, help="number of classes K of the classifier"
@@ -54,8 +55,9 @@ def register(parser: argparse.ArgumentParser) -> None:
     imp.add_argument(
         "--input-size",
         type=int,
-        required=True,
-        help="side in pixels of the teacher's input (32 for CIFAR teachers, 224 otherwise)",
+        default=None,
+        help="side in pixels of the teacher's input (32 for CIFAR teachers, 224 otherwise); "
+        "required except for --format timm, where it defaults to timm's config of --arch",
     )
     imp.add_argument("--out", required=True, help="teacher directory to write")
     imp.add_argument(
@@ -71,7 +73,8 @@ def register(parser: argparse.ArgumentParser) -> None:
         nargs=3,
         metavar=("R", "G", "B"),
         default=None,
-        help="input normalisation mean recorded in teacher.json (default: ImageNet's)",
+        help="input normalisation mean recorded in teacher.json (default: ImageNet's; for "
+        "--format timm, timm's config of --arch)",
     )
     imp.add_argument(
         "--std",
@@ -79,7 +82,8 @@ def register(parser: argparse.ArgumentParser) -> None:
         nargs=3,
         metavar=("R", "G", "B"),
         default=None,
-        help="input normalisation std recorded in teacher.json (default: ImageNet's)",
+        help="input normalisation std recorded in teacher.json (default: ImageNet's; for "
+        "--format timm, timm's config of --arch)",
     )
     imp.add_argument(
         "--overwrite", action="store_true", help="replace a teacher already present in --out"
@@ -117,6 +121,7 @@ def _import(args: argparse.Namespace) -> int:
     print(
         f"wrote {report.out}: {info.arch}, {info.num_classes} classes, {info.input_size} px, "
         f"{'cosine' if info.normed else 'linear'} classifier, labels {info.label_space}; "
-        f"{report.kept} tensors{dropped}; logits verified"
+        f"mean {list(info.mean)}, std {list(info.std)}; {report.kept} tensors{dropped}; "
+        "logits verified"
     )
     return 0

@@ -180,7 +180,7 @@ class Trainer:
             self._step_skipped = True
         self.engine.backward(loss)
         if cfg.optim.sam_rho > 0:
-            self._sam_second_pass(mb, drw)
+            self._sam_second_pass(mb, step, drw)
         if self._step_skipped and micro == cfg.train.grad_accum - 1:
             # lr 0 leaves the weights as they are (weight decay is scaled by lr too).
             for group in self.engine.optimizer.param_groups:
@@ -189,28 +189,28 @@ class Trainer:
         return {k: v.detach() for k, v in parts.items()}
 
     # ---------------------------------------------------------------- pieces
-    def _sam_second_pass(self, mb: tasks.MicroBatch, drw: bool) -> None:
+    def _sam_second_pass(self, mb: tasks.MicroBatch, step: int, drw: bool) -> None:
         """SAM: the gradient at the perturbed weights replaces the first pass's."""
-        from deitlt_scale.optim import sam_perturb, sam_restore
+        from deitlt_scale.optim import rho_at, sam_perturb, sam_restore
 
+        optim = self.cfg.optim
         params = [p for p in self.engine.module.parameters() if p.requires_grad]
-        undo = sam_perturb(params, self.cfg.optim.sam_rho, self.cfg.optim.sam_adaptive)
+        rho = rho_at(step, optim, self.steps.steps_per_epoch)
+        undo = sam_perturb(params, rho, optim.sam_adaptive)
         self.engine.optimizer.zero_grad()
         out = self.engine(mb.images.to(self.compute_dtype))
         self.engine.backward(self.task.loss(out, mb, None, drw)["loss"])
         sam_restore(params, undo)
 
     def _set_lr(self, step: int) -> None:
-        from deitlt_scale.optim import lr_at
+        from deitlt_scale.optim import scheduled_lr
 
-        sched = self.cfg.schedule
-        lr = lr_at(
+        lr = scheduled_lr(
             step,
+            self.cfg.schedule,
             peak=self.peak_lr,
+            steps_per_epoch=self.steps.steps_per_epoch,
             total_steps=self.steps.scheduled,
-            warmup_steps=self.steps.warmup,
-            warmup_lr=sched.warmup_lr,
-            min_lr=sched.min_lr,
         )
         for group in self.engine.optimizer.param_groups:
             group["lr"] = lr

@@ -11,6 +11,9 @@ Formats (all PyTorch pickles, read with ``torch.load(weights_only=True)``, never
   named ``linear`` or ``fc``, optionally a cosine ``NormedLinear`` (detected: no bias).
 * ``torchvision``: a bare state dict (or one under ``state_dict``/``model``) in the teacher's own
   layout, e.g. torchvision's ResNet-50.
+* ``timm``: a state dict (bare, or under ``state_dict``/``model``, as timm's and DeiT's training
+  scripts save it) of the timm model ``--arch`` (e.g. ``regnety_160``, the DeiT baseline's
+  teacher). Its input size and normalisation default to timm's pretrained_cfg of that name.
 
 A ``module.`` prefix is stripped from the keys that carry it, and only from those.
 """
@@ -42,9 +45,11 @@ from deitlt_scale.models.teachers import (
     FEATURE_DIM,
     TEACHER_ARCHS,
     create_teacher_arch,
+    is_timm_arch,
+    timm_input_config,
 )
 
-FORMATS = ("paco", "ldam", "torchvision")
+FORMATS = ("paco", "ldam", "torchvision", "timm")
 
 # Benign classes some training scripts store next to the weights; anything else that would make
 # the unpickler call into Python code is refused.
@@ -114,8 +119,22 @@ def convert_state(
     """
     if fmt not in FORMATS:
         raise UserError(f"unknown --format {fmt!r}; use one of {', '.join(FORMATS)}")
+    if fmt == "timm":
+        if not is_timm_arch(arch):
+            raise UserError(
+                f"--format timm needs a timm model name as --arch, got {arch!r}"
+                + (
+                    " (import it with --format paco, ldam or torchvision)"
+                    if arch in TEACHER_ARCHS
+                    else ""
+                )
+            )
+        return _tensor_dict(checkpoint, ("state_dict", "model"), where), ()
     if arch not in TEACHER_ARCHS:
-        raise UserError(f"unknown --arch {arch!r}; use one of {', '.join(TEACHER_ARCHS)}")
+        raise UserError(
+            f"--format {fmt} needs --arch {' or '.join(TEACHER_ARCHS)}, got {arch!r}"
+            + (" (a timm model: use --format timm)" if is_timm_arch(arch) else "")
+        )
     classifier = CLASSIFIER[arch]
     if fmt == "paco":
         src = _tensor_dict(checkpoint, ("state_dict", "model"), where)
@@ -151,6 +170,9 @@ def convert_state(
 
 def _classifier_check(state: dict[str, Tensor], arch: str, num_classes: int, where: str) -> bool:
     """Checks the classifier's class count; returns whether it is a cosine NormedLinear."""
+    if is_timm_arch(arch):
+        # timm's own classifier; a wrong class count fails the strict load, naming the tensor.
+        return False
     name = CLASSIFIER[arch]
     weight = state.get(f"{name}.weight")
     if weight is None or weight.ndim != 2:
@@ -177,7 +199,7 @@ def import_checkpoint(
     checkpoint: str | Path,
     arch: str,
     num_classes: int,
-    input_size: int,
+    input_size: int | None,
     out: str | Path,
     label_space: str = "original",
     mean: tuple[float, float, float] | None = None,
@@ -189,10 +211,20 @@ def import_checkpoint(
     Verification: strict shapes, a forward pass on a fixed random batch of ``input_size`` px, and
     logits of the reloaded teacher file equal to those of the network built from the source
     tensors. The directory appears only once verification has passed.
+
+    ``input_size`` and ``mean``/``std`` of a timm teacher default (``None``) to timm's
+    pretrained_cfg of ``arch``; the other formats need ``input_size``.
     """
     from deitlt_scale.data.shards import sha256_file
 
     checkpoint, out = Path(checkpoint), Path(out)
+    if fmt == "timm" and is_timm_arch(arch) and None in (input_size, mean, std):
+        size, timm_mean, timm_std = timm_input_config(arch)
+        input_size = size if input_size is None else input_size
+        mean = timm_mean if mean is None else mean  # type: ignore[assignment]
+        std = timm_std if std is None else std  # type: ignore[assignment]
+    if input_size is None:
+        raise UserError(f"--format {fmt} needs --input-size (32 for CIFAR teachers, 224 otherwise)")
     if input_size < 8:
         raise UserError(f"--input-size must be at least 8 pixels, got {input_size}")
     if out.exists() and not out.is_dir():

@@ -1,6 +1,7 @@
 """The project's teacher file: a directory holding ``model.safetensors`` and ``teacher.json``.
 
-``teacher.json`` describes how to rebuild and feed the network::
+``teacher.json`` describes how to rebuild and feed the network (``arch``: ``resnet32``,
+``resnet50`` or a timm model name, see :mod:`deitlt_scale.models.teachers`)::
 
     {"arch": "resnet32", "num_classes": 10, "input_size": 32,
      "mean": [0.485, 0.456, 0.406], "std": [0.229, 0.224, 0.225], "normed": false,
@@ -27,7 +28,13 @@ from torch import nn
 
 from deitlt_scale.config import IMAGENET_MEAN, IMAGENET_STD
 from deitlt_scale.errors import UserError
-from deitlt_scale.models.teachers import TEACHER_ARCHS, create_teacher_arch, freeze
+from deitlt_scale.models.teachers import (
+    TEACHER_ARCHS,
+    create_teacher_arch,
+    freeze,
+    is_teacher_arch,
+    is_timm_arch,
+)
 
 WEIGHTS = "model.safetensors"
 INFO = "teacher.json"
@@ -64,8 +71,11 @@ class TeacherInfo:
         if unknown:
             raise UserError(f"{where} has unknown key {unknown[0]!r}; valid: {', '.join(known)}")
         arch, k, size = data["arch"], data["num_classes"], data["input_size"]
-        if arch not in TEACHER_ARCHS:
-            raise UserError(f"{where}: arch {arch!r} is not one of {', '.join(TEACHER_ARCHS)}")
+        if not isinstance(arch, str) or not is_teacher_arch(arch):
+            raise UserError(
+                f"{where}: arch {arch!r} is neither {' nor '.join(TEACHER_ARCHS)} nor a timm "
+                "model name this timm knows"
+            )
         for key, value in (("num_classes", k), ("input_size", size)):
             if not isinstance(value, int) or isinstance(value, bool) or value < 1:
                 raise UserError(f"{where}: {key} must be a positive integer, got {value!r}")
@@ -89,6 +99,8 @@ class TeacherInfo:
         normed = data.get("normed", False)
         if not isinstance(normed, bool):
             raise UserError(f"{where}: normed must be true or false, got {normed!r}")
+        if normed and is_timm_arch(arch):
+            raise UserError(f"{where}: normed is for resnet32 / resnet50 only, not {arch!r}")
         return cls(
             arch=arch,
             num_classes=k,

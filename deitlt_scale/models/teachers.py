@@ -1,4 +1,5 @@
-"""CNN teachers: the CIFAR ResNet-32 and the torchvision-layout ResNet-50, frozen for distillation.
+"""CNN teachers: the CIFAR ResNet-32, the torchvision-layout ResNet-50, or any timm model, frozen
+for distillation.
 
 State-dict layouts are those of the published long-tail teachers (METHOD.md 3.1), so that their
 checkpoints convert by renaming only:
@@ -7,8 +8,13 @@ checkpoints convert by renaming only:
   16/32/64 channels, option-A (parameter-free, zero-padded) shortcuts, global average pooling.
 * ``resnet50``: torchvision's ResNet-50 (v1.5, stride on the 3x3 conv), classifier ``fc``.
 
-``normed=True`` replaces the classifier by :class:`NormedLinear`, a cosine classifier whose
-weight is stored as (features, classes) like the reference's (no bias).
+* any other name that ``timm.is_model`` accepts (e.g. ``regnety_160``, the DeiT baseline's
+  teacher, or a tagged name such as ``regnety_160.deit_in1k``): ``timm.create_model(name,
+  pretrained=False, num_classes=K)``, in timm's key layout. Nothing is downloaded: the weights come
+  from the teacher file.
+
+``normed=True`` (resnet32 / resnet50 only) replaces the classifier by :class:`NormedLinear`, a
+cosine classifier whose weight is stored as (features, classes) like the reference's (no bias).
 """
 
 from __future__ import annotations
@@ -111,15 +117,52 @@ def _resnet50(num_classes: int, normed: bool) -> nn.Module:
     return model
 
 
+def is_timm_arch(arch: str) -> bool:
+    """Whether ``arch`` is built by timm (any timm model name other than the project's own)."""
+    import timm
+
+    return arch not in TEACHER_ARCHS and timm.is_model(arch)
+
+
+def is_teacher_arch(arch: str) -> bool:
+    return arch in TEACHER_ARCHS or is_timm_arch(arch)
+
+
+def timm_input_config(arch: str) -> tuple[int, tuple[float, ...], tuple[float, ...]]:
+    """``(input side in px, mean, std)`` from timm's pretrained_cfg of ``arch`` (the tagged
+    config when the name carries a tag, else the arch's default)."""
+    from timm.models import get_pretrained_cfg
+
+    cfg = get_pretrained_cfg(arch)
+    size = cfg.input_size[-1] if cfg is not None and cfg.input_size else None
+    if cfg is None or not size or not cfg.mean or not cfg.std:
+        raise UserError(
+            f"timm has no input size or normalisation for {arch!r}; pass --input-size, --mean "
+            "and --std"
+        )
+    return int(size), tuple(cfg.mean), tuple(cfg.std)
+
+
 def create_teacher_arch(arch: str, num_classes: int, normed: bool = False) -> nn.Module:
-    """A randomly initialised teacher network of the given layout (``resnet32`` | ``resnet50``)."""
+    """A randomly initialised teacher network: ``resnet32`` | ``resnet50`` | a timm model name."""
     if num_classes < 1:
         raise UserError(f"a teacher needs at least one class, got num_classes={num_classes}")
     if arch == "resnet32":
         return ResNet32(num_classes, normed)
     if arch == "resnet50":
         return _resnet50(num_classes, normed)
-    raise UserError(f"unknown teacher arch {arch!r}; use one of {', '.join(TEACHER_ARCHS)}")
+    if is_timm_arch(arch):
+        if normed:
+            raise UserError(
+                f"a cosine (normed) classifier exists for resnet32 / resnet50 only, not {arch!r}"
+            )
+        import timm
+
+        return timm.create_model(arch, pretrained=False, num_classes=num_classes)
+    raise UserError(
+        f"unknown teacher arch {arch!r}; use {' or '.join(TEACHER_ARCHS)} or a timm model name "
+        "(python -c 'import timm; print(timm.list_models())')"
+    )
 
 
 def freeze(
