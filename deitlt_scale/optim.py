@@ -8,7 +8,7 @@ so resuming needs only the step number.
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Iterable
+from collections.abc import Iterable
 from typing import Any
 
 import torch
@@ -208,9 +208,8 @@ def build_optimizer(
     """AdamW or SGD (momentum, no Nesterov) over :func:`param_groups` (``cfg.decay_all``: every
     parameter decayed); ``fused`` (CUDA only) uses torch's single-kernel AdamW.
 
-    SAM (``cfg.sam_rho > 0``) is not applied here: wrap the result in :class:`SAM`, or call
-    :func:`sam_perturb` / :func:`sam_restore` around the backward passes (engines that own the
-    optimizer step, e.g. DeepSpeed).
+    SAM (``cfg.sam_rho > 0``) is not applied here: the trainer calls :func:`sam_perturb` /
+    :func:`sam_restore` around its second backward pass, since DeepSpeed owns the optimizer step.
     """
     groups = param_groups(model, cfg.weight_decay, decay_all=cfg.decay_all)
     if cfg.name == "adamw":
@@ -265,67 +264,3 @@ def sam_restore(params: Iterable[Tensor], state: SamState) -> None:
     for p, saved in zip(params, state):
         if saved is not None:
             p.copy_(saved)
-
-
-class SAM(torch.optim.Optimizer):
-    """Sharpness-aware minimisation around any base optimiser.
-
-    Usage per step::
-
-        loss(model(x)).backward(); sam.first_step(zero_grad=True)   # to w + e(w)
-        loss(model(x)).backward(); sam.second_step(zero_grad=True)  # back to w, base step
-
-    or ``sam.step(closure)`` with a closure that recomputes the loss and calls backward.
-    ``param_groups`` and ``state_dict`` are the base optimiser's, so lr schedules and
-    checkpoints see the base optimiser.
-    """
-
-    def __init__(
-        self, base_optimizer: torch.optim.Optimizer, rho: float = 0.05, adaptive: bool = False
-    ) -> None:
-        if rho <= 0:
-            raise ValueError(f"SAM needs rho > 0, got {rho}")
-        self.base_optimizer = base_optimizer
-        self.rho, self.adaptive = rho, adaptive
-        super().__init__(base_optimizer.param_groups, {"rho": rho, "adaptive": adaptive})
-        # Share the base optimiser's groups (not copies), so lr updates reach it.
-        self.param_groups = base_optimizer.param_groups
-        self._saved: SamState | None = None
-
-    def _params(self) -> list[Tensor]:
-        return [p for g in self.param_groups for p in g["params"]]
-
-    @torch.no_grad()
-    def first_step(self, zero_grad: bool = False) -> None:
-        self._saved = sam_perturb(self._params(), self.rho, self.adaptive)
-        if zero_grad:
-            self.zero_grad()
-
-    @torch.no_grad()
-    def second_step(self, zero_grad: bool = False) -> None:
-        if self._saved is None:
-            raise RuntimeError("SAM.second_step called without first_step")
-        sam_restore(self._params(), self._saved)
-        self._saved = None
-        self.base_optimizer.step()
-        if zero_grad:
-            self.zero_grad()
-
-    def step(self, closure: Callable[[], Any] | None = None) -> Any:  # type: ignore[override]
-        """Both SAM steps; ``closure`` must recompute the loss and call backward."""
-        if closure is None:
-            raise RuntimeError("SAM.step needs a closure; or call first_step and second_step")
-        self.first_step(zero_grad=True)
-        with torch.enable_grad():
-            loss = closure()
-        self.second_step()
-        return loss
-
-    def zero_grad(self, set_to_none: bool = True) -> None:
-        self.base_optimizer.zero_grad(set_to_none=set_to_none)
-
-    def state_dict(self) -> dict[str, Any]:
-        return self.base_optimizer.state_dict()
-
-    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        self.base_optimizer.load_state_dict(state_dict)

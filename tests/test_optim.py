@@ -12,7 +12,6 @@ from torch import nn
 from deitlt_scale.config import ModelConfig, OptimConfig
 from deitlt_scale.models.student import create_student
 from deitlt_scale.optim import (
-    SAM,
     build_optimizer,
     lr_at,
     param_groups,
@@ -153,38 +152,26 @@ def grad_quadratic(w: torch.Tensor) -> torch.Tensor:
     return torch.stack([w[0], 10 * w[1]])
 
 
+def sam_step(params: list[nn.Parameter], loss_fn, base: torch.optim.Optimizer, rho: float):
+    """One SAM step as the trainer takes it: gradient, perturb, gradient there, restore, step."""
+    base.zero_grad()
+    loss_fn().backward()
+    undo = sam_perturb(params, rho)
+    base.zero_grad()
+    loss_fn().backward()
+    sam_restore(params, undo)
+    base.step()
+
+
 def test_sam_gradient_is_the_gradient_at_w_plus_rho_g_over_norm_g():
     w0 = torch.tensor([1.0, 0.5], dtype=torch.float64)
     rho, lr = 0.1, 0.01
     w = nn.Parameter(w0.clone())
-    sam = SAM(torch.optim.SGD([w], lr=lr), rho=rho)
-    quadratic(w).backward()
+    sam_step([w], lambda: quadratic(w), torch.optim.SGD([w], lr=lr), rho)
     g = grad_quadratic(w0)
-    sam.first_step(zero_grad=True)
     ascent = w0 + rho * g / g.norm()
-    assert torch.allclose(w.detach(), ascent)
-    quadratic(w).backward()
     assert torch.allclose(w.grad, grad_quadratic(ascent))
-    sam.second_step(zero_grad=True)
     assert torch.allclose(w.detach(), w0 - lr * grad_quadratic(ascent))
-
-
-def test_sam_step_with_closure_equals_the_two_explicit_steps():
-    def run(use_closure: bool) -> torch.Tensor:
-        w = nn.Parameter(torch.tensor([1.0, -0.5, 2.0]))
-        sam = SAM(torch.optim.AdamW([w], lr=0.05), rho=0.2)
-        for _ in range(3):
-            sam.zero_grad()
-            (w**4).sum().backward()
-            if use_closure:
-                sam.step(lambda: (w**4).sum().backward())
-            else:
-                sam.first_step(zero_grad=True)
-                (w**4).sum().backward()
-                sam.second_step()
-        return w.detach()
-
-    assert torch.equal(run(True), run(False))
 
 
 def valley(w: torch.Tensor) -> torch.Tensor:
@@ -195,14 +182,13 @@ def valley(w: torch.Tensor) -> torch.Tensor:
 def descend(rho: float | None, steps: int = 300) -> torch.Tensor:
     w = nn.Parameter(torch.tensor([1.0, 0.1], dtype=torch.float64))
     base = torch.optim.SGD([w], lr=0.1)
-    opt = base if rho is None else SAM(base, rho=rho)
     for _ in range(steps):
-        opt.zero_grad()
-        valley(w).backward()
         if rho is None:
-            opt.step()
+            base.zero_grad()
+            valley(w).backward()
+            base.step()
         else:
-            opt.step(lambda: valley(w).backward())
+            sam_step([w], lambda: valley(w), base, rho)
     return w.detach()
 
 
@@ -237,12 +223,3 @@ def test_adaptive_sam_scales_the_perturbation_by_the_squared_weights():
     sam_perturb([w], rho=0.1, adaptive=True)
     expected = w0 + 0.1 * w0**2 * g / (w0.abs() * g).norm()
     assert torch.allclose(w.detach(), expected)
-
-
-def test_sam_shares_lr_and_state_dict_with_its_base_optimizer():
-    w = nn.Parameter(torch.zeros(2))
-    base = torch.optim.SGD([w], lr=0.1, momentum=0.9)
-    sam = SAM(base, rho=0.05)
-    sam.param_groups[0]["lr"] = 0.01
-    assert base.param_groups[0]["lr"] == 0.01
-    assert sam.state_dict() == base.state_dict()
