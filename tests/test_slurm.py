@@ -49,9 +49,14 @@ STANDIN = '''#!{python}
 
 STANDIN_MODE: an exit status (default 0), or "save-on-signal": on the first attempt wait for
 SIGUSR1/SIGTERM and exit 75 as the trainer does; on later attempts exit 0.
+Anything but the trainer (`-m deitlt_scale.cli`), such as the scripts' rendezvous rule, runs on
+the real interpreter.
 """
 import json, os, signal, sys, time
 from pathlib import Path
+
+if sys.argv[1:3] != ["-m", "deitlt_scale.cli"]:
+    os.execv(sys.executable, [sys.executable, *sys.argv[1:]])
 
 out = Path(os.environ["STANDIN_OUT"])
 attempt = int(os.environ.get("SLURM_RESTART_COUNT") or 0)
