@@ -25,8 +25,12 @@
 #     has really exited.
 #   * `scontrol requeue` ends this batch step (TERM, then KILL) and puts the job back to PENDING with
 #     the same id, environment, arguments and log (--open-mode=append); SLURM_RESTART_COUNT grows by
-#     one and the trainer resumes from the newest complete checkpoint in its run directory. A job
-#     that was cancelled cannot be requeued; then the status stays 75 and resubmitting resumes.
+#     one and the trainer resumes from the newest complete checkpoint in its run directory. Only a
+#     RUNNING job is requeued: one that is ending (`scancel JOB`, the time limit, a cancelling
+#     preemption: JobState=COMPLETING) stays ended although SLURM would accept the requeue; the
+#     status stays 75 and resubmitting resumes.
+#   * A node failure is SLURM's business: with --requeue it requeues the job itself (this shell,
+#     on the first node, is killed with the allocation), whatever status srun had returned.
 
 # No `set -u`: bash < 4.4 (still common on clusters) treats an empty "${array[@]}" as unset.
 set -o pipefail
@@ -178,6 +182,16 @@ deitlt_run() {
   local restarts=${SLURM_RESTART_COUNT:-0}
   if ((restarts >= MAX_RESTARTS)); then
     deitlt_log "exit status 75 but MAX_RESTARTS=$MAX_RESTARTS requeues are used up; resubmit to resume"
+    exit "$status"
+  fi
+  # Requeue only a job that is still RUNNING (the trainer stopped on USR1 before the time limit).
+  # After `scancel JOB`, the time limit or a cancelling preemption the job is COMPLETING: the
+  # trainer saved on the SIGTERM, but SLURM would still accept a requeue during KillWait and run
+  # the job again. A job that is ending stays ended. (No answer from slurmctld: try the requeue.)
+  local state
+  state=$(scontrol show job -o "$SLURM_JOB_ID" 2>/dev/null | grep -o 'JobState=[A-Z_]*')
+  if [[ -n $state && $state != JobState=RUNNING ]]; then
+    deitlt_log "exit status 75 (checkpoint saved) but the job is ending ($state: cancelled, time limit or preemption): not requeued; resubmit the same command to resume"
     exit "$status"
   fi
   deitlt_log "exit status 75 (checkpoint saved): scontrol requeue $SLURM_JOB_ID, restart $((restarts + 1))"
