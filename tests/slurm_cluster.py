@@ -1,4 +1,8 @@
-"""A real single-node SLURM cluster for tests: munged, slurmctld and slurmd on this machine.
+"""Real SLURM clusters for tests: munged, slurmctld and slurmd on this machine.
+
+:class:`SlurmCluster` is one node on 127.0.0.1. :class:`MultiNodeCluster` is a controller and
+several nodes, each in network, UTS and mount namespaces of its own on a private subnet (see
+"two nodes" below); a machine that cannot create the namespaces fails its tests with the reason.
 
 Everything a cluster needs lives under one directory (munge key and socket, slurm.conf, state and
 spool directories, logs, PID files) and the daemons listen on free ports, so two test sessions on

@@ -18,13 +18,14 @@ embedded digits (tiny student, the random ResNet-32 teacher, CPU, gloo):
   checkpoint; the step count and the lr of every step are the uninterrupted run's);
 * ``DRY_RUN=1`` prints every task's host, rank, local rank and resolved rendezvous.
 
-The jobs of one phase run side by side (each node declares 4 CPUs for 2 real cores) to keep the
-file within a few minutes; the node is killed only while no other job uses it.
+Jobs run side by side where they can (each node declares 4 CPUs for 2 real cores): the one-node
+reference runs on node01 while node02 dies, the other references start once node02 is back.
 """
 
 from __future__ import annotations
 
 import re
+import secrets
 import shutil
 import sys
 from dataclasses import dataclass
@@ -36,6 +37,7 @@ from slurm_cluster import (
     SUBNET,
     JobEnd,
     MultiNodeCluster,
+    NodeNetwork,
     netns_namespaces,
     process_alive,
     require_slurm,
@@ -169,9 +171,8 @@ class Submitter:
         run_dir = run_dir or self.root / name
         overrides = tiny_overrides(self.teacher, **kw.pop("overrides", {}))
         env = self.env(run_dir, **kw.pop("env", {}))
-        job = self.cluster.sbatch(
-            SCRIPT, overrides, env=env, options=layout(nodes, tasks), cwd=REPO
-        )
+        options = (*layout(nodes, tasks), *kw.pop("options", ()))
+        job = self.cluster.sbatch(SCRIPT, overrides, env=env, options=options, cwd=REPO)
         return Job(job, run_dir)
 
     def wait(self, job: Job) -> Run:
@@ -184,24 +185,6 @@ def submitter(cluster, digits_lt, random_teacher, tmp_path_factory) -> Submitter
 
 
 @dataclass(frozen=True)
-class Reference:
-    two_nodes: Run  # 2 nodes x 1 process
-    one_node: Run  # 1 node x 2 processes
-    dry_run: Run  # DRY_RUN=1, 2 nodes x 1 process
-
-
-@pytest.fixture(scope="module")
-def reference(submitter: Submitter) -> Reference:
-    """The uninterrupted runs and the dry run, side by side."""
-    jobs = (
-        submitter.submit("two-nodes", 2, 1),
-        submitter.submit("one-node", 1, 2),
-        submitter.submit("dry-run", 2, 1, env={"DRY_RUN": "1"}),
-    )
-    return Reference(*(submitter.wait(job) for job in jobs))
-
-
-@dataclass(frozen=True)
 class NodeFailure:
     run: Run  # both attempts, the second ended by the preemption
     killed_pids: list[int]
@@ -209,13 +192,17 @@ class NodeFailure:
     state_after_kill: str  # the job's state once the node was declared DOWN
     node_state_after_kill: str
     preempted_at: int  # the step of the checkpoint the preempted trainer saved
+    side_jobs: tuple[Job, Job, Job]  # one-node, two-node and dry-run references, started meanwhile
 
 
 @pytest.fixture(scope="module")
-def node_failure(cluster: MultiNodeCluster, submitter: Submitter, reference) -> NodeFailure:
+def node_failure(cluster: MultiNodeCluster, submitter: Submitter) -> NodeFailure:
     """A 2-node run whose second node dies (SIGKILL to every process of it) after the first
-    checkpoint; the node comes back, the job runs again and is then preempted."""
-    victim = cluster.nodes[1]
+    checkpoint; the node comes back, the job runs again and is then preempted. The references
+    run meanwhile: the one-node run on the first node from the start (untouched by the failure
+    of the second), the two-node run and the dry run once the second node is back."""
+    first, victim = cluster.nodes
+    one_node = submitter.submit("one-node", 1, 2, options=(f"--nodelist={first.name}",))
     job = submitter.submit("node-failure", 2, 1)
     run_dir = job.run_dir
     cluster.wait_until(
@@ -241,6 +228,8 @@ def node_failure(cluster: MultiNodeCluster, submitter: Submitter, reference) -> 
     )
     state_after_kill = cluster.job_fields(job.job_id).get("JobState", "")
     cluster.start_slurmd(victim)  # the node is back: ReturnToService=2 puts it in service
+    two_nodes = submitter.submit("two-nodes", 2, 1)
+    dry_run = submitter.submit("dry-run", 2, 1, env={"DRY_RUN": "1"})
     # Preempt the requeued attempt as soon as it trains: mid-epoch, far from the end.
     cluster.wait_until(
         lambda: STEP_LINE.search(attempt_output(cluster.output(job.job_id), 1)) is not None,
@@ -253,29 +242,43 @@ def node_failure(cluster: MultiNodeCluster, submitter: Submitter, reference) -> 
     match = re.search(r"stopped at step (\d+) after a checkpoint", end.output)
     assert match, end.report
     return NodeFailure(
-        Run(end, run_dir), killed, newest_at_kill, state_after_kill, node_state, int(match[1])
+        Run(end, run_dir),
+        killed,
+        newest_at_kill,
+        state_after_kill,
+        node_state,
+        int(match[1]),
+        (one_node, two_nodes, dry_run),
     )
 
 
 @dataclass(frozen=True)
-class Reshaped:
-    one_node_two: Run  # resumed on 1 node x 2 processes
-    one_process: Run  # resumed on 1 process, twice the accumulation
+class Runs:
+    two_nodes: Run  # uninterrupted, 2 nodes x 1 process
+    one_node: Run  # uninterrupted, 1 node x 2 processes
+    dry_run: Run  # DRY_RUN=1, 2 nodes x 1 process
+    one_node_two: Run  # the preempted run resumed on 1 node x 2 processes
+    one_process: Run  # the preempted run resumed on 1 process, twice the accumulation
 
 
 @pytest.fixture(scope="module")
-def reshaped(submitter: Submitter, node_failure: NodeFailure, tmp_path_factory) -> Reshaped:
-    """The preempted run directory, copied twice and resubmitted on one node."""
+def runs(submitter: Submitter, node_failure: NodeFailure, tmp_path_factory) -> Runs:
+    """The references started during the node failure, and the preempted run directory copied
+    twice and resubmitted on one node."""
     copies = []
     for name in ("resumed-1x2", "resumed-1x1"):
         copy = tmp_path_factory.mktemp(name) / "run"
         shutil.copytree(node_failure.run.run_dir, copy)
         copies.append(copy)
+    one_node, two_nodes, dry_run = node_failure.side_jobs
     jobs = (
+        two_nodes,
+        one_node,
+        dry_run,
         submitter.submit("resumed-1x2", 1, 2, run_dir=copies[0]),
         submitter.submit("resumed-1x1", 1, 1, run_dir=copies[1], overrides={"train.grad_accum": 2}),
     )
-    return Reshaped(*(submitter.wait(job) for job in jobs))
+    return Runs(*(submitter.wait(job) for job in jobs))
 
 
 def assert_completed(run: Run, restarts: int = 0) -> None:
@@ -319,6 +322,26 @@ def test_namespaces_and_daemons_are_gone_after_a_failing_body(tmp_path: Path) ->
     assert seen["namespaces"] & netns_namespaces() == set()
 
 
+def test_a_network_that_cannot_be_built_fails_naming_the_ip_command(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """No skip for lack of namespaces: the error names the command and what ip said."""
+    require_slurm()
+    monkeypatch.setattr(secrets, "token_hex", lambda n: "c0ffee")  # both networks: same names
+    first, second = NodeNetwork(["node01"], tmp_path), NodeNetwork(["node01"], tmp_path)
+    try:
+        first.create()
+        with pytest.raises(RuntimeError) as failure:
+            second.create()
+    finally:
+        second.remove()
+        first.remove()
+    message = str(failure.value)
+    assert message.startswith("cannot build the test network: `ip netns add deitlt-c0ffee-ctl`")
+    assert "exists" in message and "\n" not in message
+    assert {h.namespace for h in first.hosts} & netns_namespaces() == set()
+
+
 def test_rendezvous_of_a_two_node_job_is_the_first_node_on_both_sides(
     cluster: MultiNodeCluster, tmp_path: Path
 ) -> None:
@@ -357,41 +380,37 @@ def test_rendezvous_of_a_two_node_job_is_the_first_node_on_both_sides(
 # ------------------------------------------------------------------------------------ training
 
 
-def test_two_node_run_completes_every_step(reference: Reference) -> None:
-    assert_completed(reference.two_nodes)
-    assert sorted(reference.two_nodes.lrs()) == list(range(1, TOTAL_STEPS + 1))
+def test_two_node_run_completes_every_step(runs: Runs) -> None:
+    assert_completed(runs.two_nodes)
+    assert sorted(runs.two_nodes.lrs()) == list(range(1, TOTAL_STEPS + 1))
 
 
-def test_two_node_run_meets_at_the_first_node(
-    reference: Reference, cluster: MultiNodeCluster
-) -> None:
-    port = master_port(reference.two_nodes.end.job_id)
-    assert "on node[01-02]: 2 node(s) x 1 process(es)" in reference.two_nodes.end.output
-    assert f"rendezvous MASTER_ADDR=node01 MASTER_PORT={port}" in reference.two_nodes.end.output
+def test_two_node_run_meets_at_the_first_node(runs: Runs, cluster: MultiNodeCluster) -> None:
+    port = master_port(runs.two_nodes.end.job_id)
+    assert "on node[01-02]: 2 node(s) x 1 process(es)" in runs.two_nodes.end.output
+    assert f"rendezvous MASTER_ADDR=node01 MASTER_PORT={port}" in runs.two_nodes.end.output
 
 
 def test_both_hosts_write_their_shards_into_one_checkpoint_directory(
-    reference: Reference,
+    runs: Runs,
 ) -> None:
-    ref = checkpoint.latest_checkpoint(reference.two_nodes.run_dir)
-    assert ref is not None and ref.step == TOTAL_STEPS, reference.two_nodes.end.report
+    ref = checkpoint.latest_checkpoint(runs.two_nodes.run_dir)
+    assert ref is not None and ref.step == TOTAL_STEPS, runs.two_nodes.end.report
     shards = sorted(p.name for p in ref.path.rglob("*optim_states.pt"))
     assert len(shards) == 2 and shards[0] != shards[1], shards  # one per rank, i.e. per host
 
 
 def test_two_nodes_end_with_bitwise_the_weights_of_one_node_with_two_processes(
-    reference: Reference,
+    runs: Runs,
 ) -> None:
-    assert_completed(reference.one_node)
-    assert_same_weights(
-        final_weights(reference.one_node.run_dir), final_weights(reference.two_nodes.run_dir)
-    )
+    assert_completed(runs.one_node)
+    assert_same_weights(final_weights(runs.one_node.run_dir), final_weights(runs.two_nodes.run_dir))
 
 
 def test_dry_run_prints_the_layout_of_both_nodes_and_trains_nothing(
-    reference: Reference, cluster: MultiNodeCluster
+    runs: Runs, cluster: MultiNodeCluster
 ) -> None:
-    run = reference.dry_run
+    run = runs.dry_run
     assert_completed(run)
     port = master_port(run.end.job_id)
     address = cluster.nodes[0].address
@@ -447,17 +466,17 @@ def test_a_preempted_two_node_job_saves_and_is_not_requeued(node_failure: NodeFa
 
 
 def test_resumed_on_one_node_with_two_processes_it_ends_with_the_uninterrupted_weights(
-    reshaped: Reshaped, reference: Reference
+    runs: Runs,
 ) -> None:
-    run = reshaped.one_node_two
+    run = runs.one_node_two
     assert_completed(run)
-    assert_same_weights(final_weights(reference.two_nodes.run_dir), final_weights(run.run_dir))
+    assert_same_weights(final_weights(runs.two_nodes.run_dir), final_weights(run.run_dir))
 
 
 def test_resumed_on_one_process_it_goes_through_the_universal_checkpoint(
-    reshaped: Reshaped, node_failure: NodeFailure
+    runs: Runs, node_failure: NodeFailure
 ) -> None:
-    run = reshaped.one_process
+    run = runs.one_process
     assert_completed(run)
     step = node_failure.preempted_at
     assert f"universal_step_{step:08d} at step {step}" in run.end.output, run.end.report
@@ -465,9 +484,9 @@ def test_resumed_on_one_process_it_goes_through_the_universal_checkpoint(
 
 @pytest.mark.parametrize("layout_name", ["one_node_two", "one_process"])
 def test_resumed_runs_keep_the_step_count_and_the_lr_schedule(
-    reshaped: Reshaped, node_failure: NodeFailure, reference: Reference, layout_name: str
+    runs: Runs, node_failure: NodeFailure, layout_name: str
 ) -> None:
-    run = getattr(reshaped, layout_name)
-    want = {s: lr for s, lr in reference.two_nodes.lrs().items() if s > node_failure.preempted_at}
+    run = getattr(runs, layout_name)
+    want = {s: lr for s, lr in runs.two_nodes.lrs().items() if s > node_failure.preempted_at}
     assert run.final_step() == TOTAL_STEPS
     assert run.lrs() == want, run.end.report
