@@ -358,6 +358,29 @@ def test_exit_75_after_usr1_requeues_the_job_which_completes_on_restart(
 
 
 @pytest.mark.slow
+def test_exit_75_after_scancel_leaves_the_job_cancelled(
+    slurm_cluster: SlurmCluster, standin: StandIn
+) -> None:
+    """``scancel JOB``: the tasks get SIGTERM, save and exit 75 while the job is completing;
+    SLURM would accept a requeue then, so the script must not ask for one."""
+    job = submit(
+        slurm_cluster, "inat18_deitlt_b.sh", env=standin.env(STANDIN_MODE="save-on-signal")
+    )
+    slurm_cluster.wait_until(
+        lambda: len(list(standin.out.glob("waiting-rank*"))) == 2,
+        STANDIN_JOB_TIMEOUT_S,
+        "both tasks to wait for a signal",
+        job,
+    )
+    slurm_cluster.run(["scancel", str(job)])
+    end = slurm_cluster.wait_for_end(job, STANDIN_JOB_TIMEOUT_S)
+    assert (end.state, end.restarts) == ("CANCELLED", 0), end.report
+    assert end.output.count("received ['SIGTERM'") == 2, end.report
+    assert "but the job is ending (JobState=COMPLETING" in end.output, end.report
+    assert standin.records(1) == {}
+
+
+@pytest.mark.slow
 def test_exit_status_other_than_75_fails_the_job_without_requeue(
     slurm_cluster: SlurmCluster, standin: StandIn
 ) -> None:
