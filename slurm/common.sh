@@ -8,6 +8,8 @@
 #   deitlt_run CMD...  runs the launch line (srun ...), keeps this batch shell alive through
 #                      signals, and turns exit status 75 ("checkpoint saved, requeue me") into
 #                      `scontrol requeue $SLURM_JOB_ID`. Any other status becomes the job's.
+#                      With DRY_RUN=1 it first prints the layout: every task's host, rank, local
+#                      rank and resolved rendezvous, from an srun with the launch line's options.
 #
 # Signals, and why the batch shell traps them:
 #   * `--signal=USR1@N` (no "B:") and `scancel --signal=USR1 JOB` reach the tasks of the job steps
@@ -23,8 +25,12 @@
 #     has really exited.
 #   * `scontrol requeue` ends this batch step (TERM, then KILL) and puts the job back to PENDING with
 #     the same id, environment, arguments and log (--open-mode=append); SLURM_RESTART_COUNT grows by
-#     one and the trainer resumes from the newest complete checkpoint in its run directory. A job
-#     that was cancelled cannot be requeued; then the status stays 75 and resubmitting resumes.
+#     one and the trainer resumes from the newest complete checkpoint in its run directory. Only a
+#     RUNNING job is requeued: one that is ending (`scancel JOB`, the time limit, a cancelling
+#     preemption: JobState=COMPLETING) stays ended although SLURM would accept the requeue; the
+#     status stays 75 and resubmitting resumes.
+#   * A node failure is SLURM's business: with --requeue it requeues the job itself (this shell,
+#     on the first node, is killed with the allocation), whatever status srun had returned.
 
 # No `set -u`: bash < 4.4 (still common on clusters) treats an empty "${array[@]}" as unset.
 set -o pipefail
@@ -81,11 +87,13 @@ deitlt_init() {
   export PYTHONUNBUFFERED=1
 
   # Rendezvous: the first host of the allocation, a port derived from the job id (stable across
-  # requeues, distinct for jobs sharing a node). DEITLT_MASTER_ADDR/PORT override; a MASTER_ADDR
-  # inherited from the submitting shell is deliberately ignored.
-  MASTER_ADDR=${DEITLT_MASTER_ADDR:-$(scontrol show hostnames "$SLURM_JOB_NODELIST" | head -n 1)}
-  MASTER_PORT=${DEITLT_MASTER_PORT:-$((10000 + SLURM_JOB_ID % 20000))}
-  [[ -n $MASTER_ADDR ]] || deitlt_die "no host in SLURM_JOB_NODELIST=${SLURM_JOB_NODELIST:-}"
+  # requeues, distinct for jobs sharing a node); DEITLT_MASTER_ADDR/PORT override, and a
+  # MASTER_ADDR inherited from the submitting shell is ignored. The rule has one definition,
+  # deitlt_scale/engine/rendezvous.py, which the trainer imports and this shell runs.
+  local rendezvous
+  rendezvous=$("$PYTHON" -m deitlt_scale.engine.rendezvous) ||
+    deitlt_die "no rendezvous for this job (SLURM_JOB_NODELIST=${SLURM_JOB_NODELIST:-})"
+  read -r MASTER_ADDR MASTER_PORT <<<"$rendezvous"
   export MASTER_ADDR MASTER_PORT
 
   DEITLT_OVERRIDES=()
@@ -126,9 +134,24 @@ _deitlt_on_signal() {
   fi
 }
 
+# With DRY_RUN=1, before the launch line: one line per task of the same srun geometry, saying
+# where it runs and how it resolves the rendezvous (a node that cannot fails the dry run).
+_deitlt_layout() {
+  local srun_options=()
+  shift # srun
+  while [[ ${1:-} == -* ]]; do
+    srun_options+=("$1")
+    shift
+  done
+  deitlt_log "layout of the launch:"
+  srun "${srun_options[@]}" "$PYTHON" -m deitlt_scale.engine.rendezvous --layout ||
+    deitlt_die "the layout step failed (see the lines above)"
+}
+
 deitlt_run() {
   trap '_deitlt_on_signal USR1' USR1
   trap '_deitlt_on_signal TERM' TERM
+  [[ ${DRY_RUN:-0} == 1 && $1 == srun ]] && _deitlt_layout "$@"
   deitlt_log "launch: $(printf '%q ' "$@")"
   "$@" &
   DEITLT_CHILD=$!
@@ -159,6 +182,16 @@ deitlt_run() {
   local restarts=${SLURM_RESTART_COUNT:-0}
   if ((restarts >= MAX_RESTARTS)); then
     deitlt_log "exit status 75 but MAX_RESTARTS=$MAX_RESTARTS requeues are used up; resubmit to resume"
+    exit "$status"
+  fi
+  # Requeue only a job that is still RUNNING (the trainer stopped on USR1 before the time limit).
+  # After `scancel JOB`, the time limit or a cancelling preemption the job is COMPLETING: the
+  # trainer saved on the SIGTERM, but SLURM would still accept a requeue during KillWait and run
+  # the job again. A job that is ending stays ended. (No answer from slurmctld: try the requeue.)
+  local state
+  state=$(scontrol show job -o "$SLURM_JOB_ID" 2>/dev/null | grep -o 'JobState=[A-Z_]*')
+  if [[ -n $state && $state != JobState=RUNNING ]]; then
+    deitlt_log "exit status 75 (checkpoint saved) but the job is ending ($state: cancelled, time limit or preemption): not requeued; resubmit the same command to resume"
     exit "$status"
   fi
   deitlt_log "exit status 75 (checkpoint saved): scontrol requeue $SLURM_JOB_ID, restart $((restarts + 1))"

@@ -1,4 +1,8 @@
-"""A real single-node SLURM cluster for tests: munged, slurmctld and slurmd on this machine.
+"""Real SLURM clusters for tests: munged, slurmctld and slurmd on this machine.
+
+:class:`SlurmCluster` is one node on 127.0.0.1. :class:`MultiNodeCluster` is a controller and
+several nodes, each in network, UTS and mount namespaces of its own on a private subnet (see
+"two nodes" below); a machine that cannot create the namespaces fails its tests with the reason.
 
 Everything a cluster needs lives under one directory (munge key and socket, slurm.conf, state and
 spool directories, logs, PID files) and the daemons listen on free ports, so two test sessions on
@@ -135,6 +139,26 @@ def _command_name(pid: int) -> str:
         return ""
 
 
+# slurm.conf lines shared by the one-node and the multi-node cluster.
+_COMMON_CONF = (
+    "SlurmUser=root",
+    "SlurmdUser=root",
+    "AuthType=auth/munge",
+    "CredType=cred/munge",
+    "MpiDefault=none",
+    "ProctrackType=proctrack/pgid",  # linuxproc leaks orphaned processes here
+    "TaskPlugin=task/none",
+    "SelectType=select/cons_tres",
+    "SelectTypeParameters=CR_CPU",
+    "SchedulerParameters=bf_interval=1,sched_interval=2",
+    "MailProg=/bin/true",  # slurmctld refuses to start without a mail program
+    "JobCompType=jobcomp/none",
+    "AccountingStorageType=accounting_storage/none",
+    "ReturnToService=2",  # a node that was DOWN returns to service when its slurmd registers
+    "MinJobAge=600",  # finished jobs stay visible to `scontrol show job` for the tests
+)
+
+
 @dataclass(frozen=True)
 class JobEnd:
     """A job that has left the queue, as ``scontrol show job`` reports it, and its log."""
@@ -171,6 +195,7 @@ class SlurmCluster:
         self.ports: tuple[int, int] = (0, 0)  # SlurmctldPort, SlurmdPort (chosen at start)
         self.first_job_id = 0  # FirstJobId (chosen at start)
         self.pids: dict[str, int] = {}  # daemon name -> PID, as read from its PID file
+        self.client_prefix: tuple[str, ...] = ()  # wraps every client command (a namespace)
 
     # ---------------------------------------------------------------- life cycle
 
@@ -205,18 +230,22 @@ class SlurmCluster:
                     "cancelled jobs to leave the queue",
                 )
         for name in ("slurmd", "slurmctld", "munged"):
-            pid = self.pids.get(name)
-            if pid is None or not process_alive(pid) or _command_name(pid) != name:
-                continue  # gone already (a PID reused by another program is left alone)
-            with contextlib.suppress(ProcessLookupError):
-                os.kill(pid, signal.SIGTERM)
-            try:
-                self._wait(lambda pid=pid: not process_alive(pid), 15.0, f"{name} ({pid}) to exit")
-            except TimeoutError:
-                with contextlib.suppress(ProcessLookupError):
-                    os.kill(pid, signal.SIGKILL)
+            self._stop_daemon(name)
         if self._socket_dir is not None:
             shutil.rmtree(self._socket_dir, ignore_errors=True)
+
+    def _stop_daemon(self, name: str) -> None:
+        """TERM the daemon started as ``name`` (``slurmd@node01``: program slurmd), KILL after 15 s."""
+        pid, program = self.pids.get(name), name.split("@")[0]
+        if pid is None or not process_alive(pid) or _command_name(pid) != program:
+            return  # gone already (a PID reused by another program is left alone)
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, signal.SIGTERM)
+        try:
+            self._wait(lambda: not process_alive(pid), 15.0, f"{name} ({pid}) to exit")
+        except TimeoutError:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
 
     def _start_munge(self, timeout_s: float) -> None:
         key = self._munge / "munge.key"
@@ -273,23 +302,9 @@ class SlurmCluster:
             f"SlurmctldHost={self.hostname}(127.0.0.1)",
             f"SlurmctldPort={ctld_port}",
             f"SlurmdPort={slurmd_port}",
-            "SlurmUser=root",
-            "SlurmdUser=root",
-            "AuthType=auth/munge",
-            "CredType=cred/munge",
+            *_COMMON_CONF,
             # A short credential lifetime lets a requeued job start again in seconds, not minutes.
             f"AuthInfo=socket={self.munge_socket},cred_expire=5",
-            "MpiDefault=none",
-            "ProctrackType=proctrack/pgid",  # linuxproc leaks orphaned processes here
-            "TaskPlugin=task/none",
-            "SelectType=select/cons_tres",
-            "SelectTypeParameters=CR_CPU",
-            "SchedulerParameters=bf_interval=1,sched_interval=2",
-            "MailProg=/bin/true",  # slurmctld refuses to start without a mail program
-            "JobCompType=jobcomp/none",
-            "AccountingStorageType=accounting_storage/none",
-            "ReturnToService=2",
-            "MinJobAge=600",  # finished jobs stay visible to `scontrol show job` for the tests
             "KillWait=10",
             f"FirstJobId={self.first_job_id}",
             f"StateSaveLocation={state}",
@@ -304,14 +319,21 @@ class SlurmCluster:
         self.conf.write_text("\n".join(lines) + "\n")
 
     def _start_daemon(
-        self, name: str, cmd: list[str], env: Mapping[str, str], timeout_s: float
+        self,
+        name: str,
+        cmd: list[str],
+        env: Mapping[str, str],
+        timeout_s: float,
+        pid_file: Path | None = None,
+        log_file: Path | None = None,
     ) -> None:
-        pid_file = self._run / f"{name}.pid"
+        pid_file = pid_file or self._run / f"{name}.pid"
+        pid_file.unlink(missing_ok=True)  # a restarted daemon: wait for its new PID
         done = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=timeout_s)
         if done.returncode != 0:
             raise RuntimeError(
                 f"{name} failed to start ({done.returncode}): {done.stderr.strip()}\n"
-                f"{_tail(self._logs / f'{name}.log')}"
+                f"{_tail(log_file or self._logs / f'{name}.log')}"
             )
 
         def written() -> bool:
@@ -346,7 +368,12 @@ class SlurmCluster:
         """Run a SLURM client command against this cluster."""
         env = self.env(kwargs.pop("env", None))
         done = subprocess.run(
-            list(cmd), env=env, capture_output=True, text=True, timeout=timeout_s, **kwargs
+            [*self.client_prefix, *cmd],
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=timeout_s,
+            **kwargs,
         )
         if check and done.returncode != 0:
             raise RuntimeError(f"`{' '.join(cmd)}` exited {done.returncode}: {done.stderr.strip()}")
@@ -461,3 +488,279 @@ def slurm_cluster_fixture(tmp_path_factory: pytest.TempPathFactory) -> Iterator[
     require_slurm()
     with running_cluster(tmp_path_factory.mktemp("slurm")) as cluster:
         yield cluster
+
+
+# -------------------------------------------------------------------------------- two nodes
+#
+# Each SLURM host gets its own network namespace (its own interfaces, addresses and ports), UTS
+# namespace (its own hostname) and mount namespace (its own /etc/hosts, bind-mounted over the
+# machine's), joined by veth pairs to a bridge that lives in the controller's namespace. Nothing
+# is added to the machine's own network namespace: the subnet exists only between the namespaces
+# created here. Every other file is shared, which plays the part of the cluster's shared file
+# system: repository, run directories, job logs and munge's socket are the same files on every
+# host. (`ip netns exec` is not used to enter a host: it remounts /sys, hiding the cgroup file
+# system slurmd needs.)
+
+SUBNET = "10.213.0"  # /24, inside the namespaces only
+CONTROLLER = "ctl"  # hostname of the slurmctld namespace, on SUBNET.1 (the bridge)
+
+
+@dataclass(frozen=True)
+class Host:
+    name: str  # hostname and SLURM node name
+    namespace: str  # network namespace (global name under /run/netns)
+    address: str  # on SUBNET
+
+
+class NodeNetwork:
+    """The namespaces, bridge and veth pairs of one multi-node cluster; :meth:`remove` undoes all.
+
+    Creation failures raise ``RuntimeError`` naming the ``ip`` command and its error, so a
+    machine that cannot build the network fails the tests instead of skipping them.
+    """
+
+    def __init__(self, nodes: Sequence[str], etc: Path) -> None:
+        tag = f"deitlt-{secrets.token_hex(3)}"
+        self.controller = Host(CONTROLLER, f"{tag}-{CONTROLLER}", f"{SUBNET}.1")
+        self.nodes = [
+            Host(name, f"{tag}-{name}", f"{SUBNET}.{11 + i}") for i, name in enumerate(nodes)
+        ]
+        self.hosts_file = etc / "hosts"  # every host's /etc/hosts
+        self.created: list[str] = []  # namespaces, in creation order
+
+    @property
+    def hosts(self) -> list[Host]:
+        return [self.controller, *self.nodes]
+
+    def create(self) -> None:
+        for program in ("ip", "nsenter", "unshare"):
+            if _which(program) is None:
+                raise RuntimeError(f"`{program}` is missing: apt-get install iproute2 util-linux")
+        hub = self.controller.namespace
+        for host in self.hosts:
+            _ip("netns", "add", host.namespace)
+            self.created.append(host.namespace)
+            _ip("-n", host.namespace, "link", "set", "lo", "up")
+        names = "".join(f"{h.address}\t{h.name}\n" for h in self.hosts)
+        self.hosts_file.parent.mkdir(parents=True, exist_ok=True)
+        self.hosts_file.write_text(f"127.0.0.1\tlocalhost\n{names}")
+        _ip("-n", hub, "link", "add", "br0", "type", "bridge")
+        _ip("-n", hub, "addr", "add", f"{self.controller.address}/24", "dev", "br0")
+        _ip("-n", hub, "link", "set", "br0", "up")
+        for i, node in enumerate(self.nodes):
+            # Created inside the hub and moved straight into the node: never in the host's view.
+            _ip("-n", hub, "link", "add", f"v{i}", "type", "veth", "peer", "name", "eth0",
+                "netns", node.namespace)  # fmt: skip
+            _ip("-n", hub, "link", "set", f"v{i}", "master", "br0", "up")
+            _ip("-n", node.namespace, "addr", "add", f"{node.address}/24", "dev", "eth0")
+            _ip("-n", node.namespace, "link", "set", "eth0", "up")
+
+    def exec_prefix(self, host: Host, hostname: bool = False) -> list[str]:
+        """Run a command on ``host``: in its network namespace, and with ``hostname`` also in
+        UTS and mount namespaces of its own, with the host's name and /etc/hosts (for daemons
+        and the jobs they start; clients need only the network)."""
+        prefix = ["nsenter", f"--net=/run/netns/{host.namespace}"]
+        if hostname:
+            # unshare makes the new mount namespace private: the bind stays inside it.
+            setup = 'mount --bind "$1" /etc/hosts && hostname "$0" && shift && exec "$@"'
+            prefix += ["unshare", "--mount", "--uts", "--", "sh", "-c", setup, host.name]
+            prefix.append(str(self.hosts_file))
+        return prefix
+
+    def pids(self, host: Host) -> list[int]:
+        """Every process in the host's network namespace (daemons, job steps, tasks)."""
+        if host.namespace not in self.created:
+            return []
+        done = subprocess.run(
+            ["ip", "netns", "pids", host.namespace], capture_output=True, text=True, timeout=10
+        )
+        return [int(p) for p in done.stdout.split() if p.isdigit()]
+
+    def kill_all(self, host: Host, sig: signal.Signals = signal.SIGKILL) -> list[int]:
+        """Send ``sig`` to every process of the host at once (a node dying); return their PIDs."""
+        pids = self.pids(host)
+        for pid in pids:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, sig)
+        return pids
+
+    def remove(self, timeout_s: float = 20.0) -> None:
+        """Kill what is still running on the hosts, then delete the namespaces (which removes
+        their links and the bridge). Safe to call twice."""
+        hosts = [h for h in self.hosts if h.namespace in self.created]
+        deadline = time.monotonic() + timeout_s
+        for host in hosts:
+            while self.kill_all(host) and time.monotonic() < deadline:
+                time.sleep(0.1)
+        errors = []
+        for host in reversed(hosts):
+            done = subprocess.run(
+                ["ip", "netns", "del", host.namespace], capture_output=True, text=True, timeout=10
+            )
+            if done.returncode != 0:
+                errors.append(f"ip netns del {host.namespace}: {done.stderr.strip()}")
+            self.created.remove(host.namespace)
+        if errors:
+            raise RuntimeError("; ".join(errors))
+
+
+def _ip(*args: str) -> None:
+    done = subprocess.run(["ip", *args], capture_output=True, text=True, timeout=10)
+    if done.returncode != 0:
+        raise RuntimeError(
+            f"cannot build the test network: `ip {' '.join(args)}` exited {done.returncode}:"
+            f" {done.stderr.strip() or 'no output'}"
+        )
+
+
+def netns_namespaces() -> set[str]:
+    """Names of the network namespaces under /run/netns (for leak checks)."""
+    done = subprocess.run(["ip", "netns", "list"], capture_output=True, text=True, timeout=10)
+    return {line.split()[0] for line in done.stdout.splitlines() if line.strip()}
+
+
+class MultiNodeCluster(SlurmCluster):
+    """slurmctld and one slurmd per node, each in its own network and UTS namespace.
+
+    Nodes are ``node01``, ``node02``, ... on ``SUBNET.11``, ``.12``, ...; the controller is
+    ``ctl`` on ``SUBNET.1``. munged runs once (its socket is a file every host reaches), as a
+    site would run one munged per host with the same key. Client commands run in the
+    controller's namespace (:attr:`client_prefix`). Each node declares ``cpus`` CPUs (all
+    nodes share this machine's cores; ``SlurmdParameters=config_overrides`` lets a node declare
+    more than it has, so that several small jobs can run side by side).
+    """
+
+    def __init__(self, root: Path, nodes: int = 2, cpus: int = 2) -> None:
+        super().__init__(root)
+        self.network = NodeNetwork([f"node{i + 1:02d}" for i in range(nodes)], self.root / "etc")
+        self.hostname = CONTROLLER
+        self.cpus = cpus
+        self.client_prefix = tuple(self.network.exec_prefix(self.network.controller))
+
+    @property
+    def nodes(self) -> list[Host]:
+        return self.network.nodes
+
+    def start(self, timeout_s: float = 60.0) -> None:
+        for d in (self._munge, self._logs, self._run, self.jobs_dir):
+            d.mkdir(parents=True, exist_ok=True)
+        self.network.create()
+        self._start_munge(timeout_s)
+        self._write_conf()
+        env = self.env()
+        ctl = self.network.exec_prefix(self.network.controller, hostname=True)
+        self._start_daemon("slurmctld", [*ctl, "slurmctld", "-f", str(self.conf)], env, timeout_s)
+        self._wait(
+            lambda: "UP" in self.run(["scontrol", "ping"], check=False).stdout,
+            timeout_s,
+            "slurmctld to answer `scontrol ping`",
+        )
+        for node in self.nodes:
+            self.start_slurmd(node, timeout_s)
+        self.wait_until(self.all_idle, timeout_s, "every node to become idle in sinfo")
+
+    def start_slurmd(self, node: Host, timeout_s: float = 60.0) -> None:
+        """Start (or restart, after :meth:`kill_node`) the node's slurmd in its namespace."""
+        cmd = [*self.network.exec_prefix(node, hostname=True), "slurmd", "-N", node.name]
+        self._start_daemon(
+            f"slurmd@{node.name}",
+            [*cmd, "-f", str(self.conf)],
+            self.env(),
+            timeout_s,
+            pid_file=self._run / f"slurmd-{node.name}.pid",
+            log_file=self._logs / f"slurmd-{node.name}.log",
+        )
+
+    def node_states(self) -> dict[str, str]:
+        done = self.run(["sinfo", "-h", "-N", "-o", "%N %T"], check=False)
+        return dict(line.split()[:2] for line in done.stdout.splitlines() if line.strip())
+
+    def all_idle(self) -> bool:
+        states = self.node_states()
+        return sorted(states) == [n.name for n in self.nodes] and set(states.values()) == {"idle"}
+
+    def kill_node(self, node: Host) -> list[int]:
+        """SIGKILL every process on ``node`` (slurmd, job steps, tasks): the node dies."""
+        return self.network.kill_all(node, signal.SIGKILL)
+
+    def stop(self, timeout_s: float = 60.0) -> None:
+        """Cancel every job, stop the daemons by PID, then remove the namespaces (always)."""
+        try:
+            if "slurmctld" in self.pids and process_alive(self.pids["slurmctld"]):
+                self.run(["scancel", "--user", "root"], check=False)
+                with contextlib.suppress(TimeoutError):
+                    self._wait(
+                        lambda: not self.run(["squeue", "-h"], check=False).stdout.strip(),
+                        timeout_s,
+                        "cancelled jobs to leave the queue",
+                    )
+            for node in self.nodes:
+                self._stop_daemon(f"slurmd@{node.name}")
+            self._stop_daemon("slurmctld")
+            self._stop_daemon("munged")
+        finally:
+            try:
+                self.network.remove()
+            finally:
+                if self._socket_dir is not None:
+                    shutil.rmtree(self._socket_dir, ignore_errors=True)
+
+    def _write_conf(self) -> None:
+        memory = re.search(r"RealMemory=(\d+)", _slurmd_c()).group(1)
+        self.first_job_id = random.randrange(1_000, 1_000_000)
+        self.ports = (6817, 6818)  # each host has its own network stack: nothing else uses them
+        state, spool = self.root / "state", self.root / "spool"
+        state.mkdir(exist_ok=True)
+        for node in self.nodes:
+            (spool / node.name).mkdir(parents=True, exist_ok=True)
+        ctl = self.network.controller
+        lines = [
+            f"ClusterName=deitlt{secrets.token_hex(3)}",
+            f"SlurmctldHost={ctl.name}({ctl.address})",
+            f"SlurmctldPort={self.ports[0]}",
+            f"SlurmdPort={self.ports[1]}",
+            *_COMMON_CONF,
+            f"AuthInfo=socket={self.munge_socket},cred_expire=5",
+            # A dead node is declared DOWN within ~10 s instead of the default 300 s.
+            "SlurmdTimeout=10",
+            "SlurmdParameters=config_overrides",
+            "KillWait=30",  # a preempted trainer has 30 s to finish its step and checkpoint
+            f"FirstJobId={self.first_job_id}",
+            f"StateSaveLocation={state}",
+            f"SlurmdSpoolDir={spool}/%n",
+            f"SlurmctldPidFile={self._run / 'slurmctld.pid'}",
+            f"SlurmdPidFile={self._run / 'slurmd-%n.pid'}",
+            f"SlurmctldLogFile={self._logs / 'slurmctld.log'}",
+            f"SlurmdLogFile={self._logs / 'slurmd-%n.log'}",
+            *(
+                f"NodeName={n.name} NodeHostname={n.name} NodeAddr={n.address} CPUs={self.cpus}"
+                f" Boards=1 SocketsPerBoard=1 CoresPerSocket={self.cpus} ThreadsPerCore=1"
+                f" RealMemory={memory} State=UNKNOWN"
+                for n in self.nodes
+            ),
+            "PartitionName=debug Nodes=ALL Default=YES MaxTime=INFINITE State=UP",
+        ]
+        self.conf.write_text("\n".join(lines) + "\n")
+
+    def logs(self) -> str:
+        names = ["slurmctld", *(f"slurmd-{n.name}" for n in self.nodes), "munged"]
+        return "\n".join(
+            f"--- {name} log (tail)\n{_tail(self._logs / f'{name}.log', 25)}" for name in names
+        )
+
+
+def _slurmd_c() -> str:
+    return subprocess.run(["slurmd", "-C"], capture_output=True, text=True, check=True).stdout
+
+
+@contextlib.contextmanager
+def running_multinode_cluster(
+    root: Path, nodes: int = 2, cpus: int = 2
+) -> Iterator[MultiNodeCluster]:
+    """A started multi-node cluster; daemons stopped and namespaces removed on exit, also on error."""
+    cluster = MultiNodeCluster(root, nodes, cpus)
+    try:
+        cluster.start()
+        yield cluster
+    finally:
+        cluster.stop()

@@ -49,9 +49,14 @@ STANDIN = '''#!{python}
 
 STANDIN_MODE: an exit status (default 0), or "save-on-signal": on the first attempt wait for
 SIGUSR1/SIGTERM and exit 75 as the trainer does; on later attempts exit 0.
+Anything but the trainer (`-m deitlt_scale.cli`), such as the scripts' rendezvous rule, runs on
+the real interpreter.
 """
 import json, os, signal, sys, time
 from pathlib import Path
+
+if sys.argv[1:3] != ["-m", "deitlt_scale.cli"]:
+    os.execv(sys.executable, [sys.executable, *sys.argv[1:]])
 
 out = Path(os.environ["STANDIN_OUT"])
 attempt = int(os.environ.get("SLURM_RESTART_COUNT") or 0)
@@ -350,6 +355,29 @@ def test_exit_75_after_usr1_requeues_the_job_which_completes_on_restart(
     first, second = standin.records(0), standin.records(1)
     assert sorted(second) == [0, 1], end.report
     assert second[0]["env"]["MASTER_PORT"] == first[0]["env"]["MASTER_PORT"]
+
+
+@pytest.mark.slow
+def test_exit_75_after_scancel_leaves_the_job_cancelled(
+    slurm_cluster: SlurmCluster, standin: StandIn
+) -> None:
+    """``scancel JOB``: the tasks get SIGTERM, save and exit 75 while the job is completing;
+    SLURM would accept a requeue then, so the script must not ask for one."""
+    job = submit(
+        slurm_cluster, "inat18_deitlt_b.sh", env=standin.env(STANDIN_MODE="save-on-signal")
+    )
+    slurm_cluster.wait_until(
+        lambda: len(list(standin.out.glob("waiting-rank*"))) == 2,
+        STANDIN_JOB_TIMEOUT_S,
+        "both tasks to wait for a signal",
+        job,
+    )
+    slurm_cluster.run(["scancel", str(job)])
+    end = slurm_cluster.wait_for_end(job, STANDIN_JOB_TIMEOUT_S)
+    assert (end.state, end.restarts) == ("CANCELLED", 0), end.report
+    assert end.output.count("received ['SIGTERM'") == 2, end.report
+    assert "but the job is ending (JobState=COMPLETING" in end.output, end.report
+    assert standin.records(1) == {}
 
 
 @pytest.mark.slow

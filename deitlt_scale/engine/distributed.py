@@ -1,23 +1,22 @@
 """Process-group setup from the launcher's environment, and the DeepSpeed config.
 
 Launchers understood: torchrun (RANK, LOCAL_RANK, WORLD_SIZE, MASTER_ADDR/PORT), SLURM's srun with
-one task per device (SLURM_PROCID, SLURM_LOCALID, SLURM_NTASKS; the master is the first host of
-SLURM_JOB_NODELIST) and a plain single process. NCCL on GPUs, gloo on CPU.
+one task per device (SLURM_PROCID, SLURM_LOCALID, SLURM_NTASKS; the rendezvous follows the rule in
+:mod:`deitlt_scale.engine.rendezvous`, shared with slurm/common.sh) and a plain single process.
+NCCL on GPUs, gloo on CPU.
 """
 
 from __future__ import annotations
 
 import os
-import re
-import shutil
 import socket
-import subprocess
 from dataclasses import dataclass
 from typing import Any
 
 import torch
 
 from deitlt_scale.config import Config, validate_world
+from deitlt_scale.engine import rendezvous
 
 
 @dataclass(frozen=True)
@@ -56,35 +55,23 @@ def detect_launch() -> LaunchEnv:
             launcher="torchrun",
         )
     if "SLURM_PROCID" in env and "SLURM_NTASKS" in env and "SLURM_STEP_ID" in env:
-        job = int(env.get("SLURM_JOB_ID", "0"))
+        # The batch scripts export the same MASTER_ADDR/PORT; computing them here again from the
+        # one rule also covers a bare `srun python -m deitlt_scale.cli train ...`.
+        master_addr, master_port = rendezvous.rendezvous(env)
         return LaunchEnv(
             rank=int(env["SLURM_PROCID"]),
             local_rank=int(env.get("SLURM_LOCALID", 0)),
             world_size=int(env["SLURM_NTASKS"]),
-            master_addr=env.get("MASTER_ADDR")
-            or first_slurm_host(env.get("SLURM_JOB_NODELIST", "")),
-            # A per-job port so that two jobs sharing a node do not collide.
-            master_port=int(env.get("MASTER_PORT") or 20000 + job % 20000),
+            master_addr=master_addr,
+            master_port=master_port,
             launcher="slurm",
         )
     return LaunchEnv(0, 0, 1, "127.0.0.1", _free_port(), "single")
 
 
 def first_slurm_host(nodelist: str) -> str:
-    """First host name of a SLURM node list such as ``gpu[003-006,010],cpu01``."""
-    if not nodelist:
-        return "127.0.0.1"
-    if shutil.which("scontrol"):
-        out = subprocess.run(
-            ["scontrol", "show", "hostnames", nodelist], capture_output=True, text=True, check=False
-        )
-        if out.returncode == 0 and out.stdout.strip():
-            return out.stdout.split()[0]
-    match = re.match(r"([^,\[]+)(?:\[([^\],]+))?", nodelist)
-    if not match:
-        return nodelist
-    prefix, ranges = match.groups()
-    return prefix + ranges.split("-")[0] if ranges else prefix
+    """First host name of a SLURM node list such as ``gpu[003-006,010],cpu01`` (``gpu003``)."""
+    return rendezvous.first_host(nodelist)
 
 
 def resolve_device(requested: str, local_rank: int) -> torch.device:
