@@ -69,14 +69,14 @@ NVIDIA_INIT = (
 SMOKE_JPEG = base64.b64decode(
     "/9j/4AAQSkZJRgABAQAAAQABAAD/2wBDAAgGBgcGBQgHBwcJCQgKDBQNDAsLDBkSEw8UHRofHh0aHBwgJC4nICIsIxwc"
     "KDcpLDAxNDQ0Hyc5PTgyPC4zNDL/2wBDAQkJCQwLDBgNDRgyIRwhMjIyMjIyMjIyMjIyMjIyMjIyMjIyMjIyMjIyMjIy"
-    "MjIyMjIyMjIyMjIyMjIyMjL/wAARCAAQABgDASIAAhEBAxEB/8QAHwAAAQUBAQEBAQEAAAAAAAAAAAECAwQFBgcICQoL"
-    "/8QAtRAAAgEDAwIEAwUFBAQAAAF9AQIDAAQRBRIhMUEGE1FhByJxFDKBkaEII0KxwRVS0fAkM2JyggkKFhcYGRolJico"
-    "KSo0NTY3ODk6Q0RFRkdISUpTVFVWV1hZWmNkZWZnaGlqc3R1dnd4eXqDhIWGh4iJipKTlJWWl5iZmqKjpKWmp6ipqrKz"
-    "tLW2t7i5usLDxMXGx8jJytLT1NXW19jZ2uHi4+Tl5ufo6erx8vP09fb3+Pn6/8QAHwEAAwEBAQEBAQEBAQAAAAAAAAEC"
-    "AwQFBgcICQoL/8QAtREAAgECBAQDBAcFBAQAAQJ3AAECAxEEBSExBhJBUQdhcRMiMoEIFEKRobHBCSMzUvAVYnLRChYk"
-    "NOEl8RcYGRomJygpKjU2Nzg5OkNERUZHSElKU1RVVldYWVpjZGVmZ2hpanN0dXZ3eHl6goOEhYaHiImKkpOUlZaXmJma"
-    "oqOkpaanqKmqsrO0tba3uLm6wsPExcbHyMnK0tPU1dbX2Nna4uPk5ebn6Onq8vP09fb3+Pn6/9oADAMBAAIRAxEAPwDj"
-    "7ObpzW9ZzdOa5Czm6c1v2c3Tmvr80r7nPDK/I6+zm6c0Vn2c3TmivgsTX/eM645Xpsf/2Q=="
+    "MjIyMjIyMjIyMjIyMjIyMjIyMjL/wAARCAAQABgDASIAAhEBAxEB/8QAHwAAAQUBAQEBAQEAAAAAAAAAAAECAwQFBgcI"
+    "CQoL/8QAtRAAAgEDAwIEAwUFBAQAAAF9AQIDAAQRBRIhMUEGE1FhByJxFDKBkaEII0KxwRVS0fAkM2JyggkKFhcYGRol"
+    "JicoKSo0NTY3ODk6Q0RFRkdISUpTVFVWV1hZWmNkZWZnaGlqc3R1dnd4eXqDhIWGh4iJipKTlJWWl5iZmqKjpKWmp6ip"
+    "qrKztLW2t7i5usLDxMXGx8jJytLT1NXW19jZ2uHi4+Tl5ufo6erx8vP09fb3+Pn6/8QAHwEAAwEBAQEBAQEBAQAAAAAA"
+    "AAECAwQFBgcICQoL/8QAtREAAgECBAQDBAcFBAQAAQJ3AAECAxEEBSExBhJBUQdhcRMiMoEIFEKRobHBCSMzUvAVYnLR"
+    "ChYkNOEl8RcYGRomJygpKjU2Nzg5OkNERUZHSElKU1RVVldYWVpjZGVmZ2hpanN0dXZ3eHl6goOEhYaHiImKkpOUlZaX"
+    "mJmaoqOkpaanqKmqsrO0tba3uLm6wsPExcbHyMnK0tPU1dbX2Nna4uPk5ebn6Onq8vP09fb3+Pn6/9oADAMBAAIRAxEA"
+    "PwDj7ObpzW9ZzdOa5Czm6c1v2c3Tmvr80r7nPDK/I6+zm6c0Vn2c3TmivgsTX/eM645Xpsf/2Q=="
 )
 SMOKE_SIZE = (16, 24)  # height, width of SMOKE_JPEG
 
@@ -307,7 +307,7 @@ def pack(stage: Path, out_dir: Path, name: str, part_mib: float, preset: int = 9
         "name": name,
         "format": "tar.xz",
         "files": files,
-        "unpacked_bytes": writer.raw_bytes,
+        "tar_bytes": writer.raw_bytes,
         "bytes": sum(p["bytes"] for p in writer.parts),
         "sha256": writer.whole.hexdigest(),
         "parts": writer.parts,
@@ -528,7 +528,7 @@ def main(argv: list[str] | None = None) -> int:
         elif args.command == "pack":
             m = pack(args.stage, args.out, args.name, args.part_mib, args.preset)
             print(
-                f"packed {m['files']} files, {m['unpacked_bytes'] / MIB:.1f} MiB -> "
+                f"packed {m['files']} files, {m['tar_bytes'] / MIB:.1f} MiB -> "
                 f"{m['bytes'] / MIB:.1f} MiB xz in {len(m['parts'])} parts (sha256 {m['sha256']})"
             )
             for part in m["parts"]:
