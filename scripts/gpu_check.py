@@ -43,7 +43,10 @@ def cmd_env() -> int:
 
     print(f"timm fused attention (scaled_dot_product_attention): {use_fused_attn()}")
     for name in ("nvidia.dali", "webdataset", "mlflow"):
-        found = importlib.util.find_spec(name.split(".")[0]) is not None
+        try:  # the full dotted name: `nvidia` alone is there with torch's CUDA libraries
+            found = importlib.util.find_spec(name) is not None
+        except ModuleNotFoundError:
+            found = False
         print(f"{name}: {'present' if found else 'absent (tests that need it are left out)'}")
     return 0
 
