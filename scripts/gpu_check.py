@@ -2,11 +2,13 @@
 
     python scripts/gpu_check.py env             # versions and the features the step relies on
     python scripts/gpu_check.py select-tests    # test files with `gpu` tests that can import here
-    python scripts/gpu_check.py summary LOG     # the step benchmarks of a gpu_check log as a table
+    python scripts/gpu_check.py make-dataset DIR [--images N --classes C]  # shards + a teacher
+    python scripts/gpu_check.py summary LOG     # the benchmarks of a gpu_check log as a table
 
 ``select-tests`` imports every test module that has a ``@pytest.mark.gpu`` test; a module whose
-imports fail (DALI, webdataset and mlflow are not on the GPU machine) is left out, and the reason
-is printed on stderr, so pytest never sees a collection error. The selected paths go to stdout.
+imports fail (mlflow is not on the GPU machine; DALI only when its payload was carried) is left
+out, and the reason is printed on stderr, so pytest never sees a collection error. The selected
+paths go to stdout.
 """
 
 from __future__ import annotations
@@ -41,7 +43,10 @@ def cmd_env() -> int:
 
     print(f"timm fused attention (scaled_dot_product_attention): {use_fused_attn()}")
     for name in ("nvidia.dali", "webdataset", "mlflow"):
-        found = importlib.util.find_spec(name.split(".")[0]) is not None
+        try:  # the full dotted name: `nvidia` alone is there with torch's CUDA libraries
+            found = importlib.util.find_spec(name) is not None
+        except ModuleNotFoundError:
+            found = False
         print(f"{name}: {'present' if found else 'absent (tests that need it are left out)'}")
     return 0
 
@@ -66,7 +71,8 @@ def cmd_select_tests() -> int:
             missing = getattr(err, "name", None) or str(err)
             print(
                 f"left out {path.relative_to(REPO)}: importing it needs {missing}, which is not "
-                "installed on this machine (no DALI here: its wheel is too large to carry)",
+                "installed on this machine (DALI comes from build/payload: "
+                "scripts/prepare_gpu_payload.sh)",
                 file=sys.stderr,
             )
             continue
@@ -77,12 +83,32 @@ def cmd_select_tests() -> int:
     return 0
 
 
+def cmd_make_dataset(root: Path, images: int, classes: int) -> int:
+    """A prepared dataset of generated 256x320 JPEGs (the ones `deitlt bench data` makes) in 8
+    shards, and a teacher file with random ResNet-50 weights in ``root/teacher``."""
+    from deitlt_scale.benchmarks.data import _generate
+    from deitlt_scale.benchmarks.step import write_random_teacher
+
+    root.mkdir(parents=True, exist_ok=True)
+    _generate(root, images, 8, 256, 320, num_classes=classes)
+    teacher = write_random_teacher(root / "teacher", "resnet50", classes, 224)
+    print(f"dataset: {images} images, {classes} classes in {root}; teacher: {teacher}")
+    return 0
+
+
 STEP_LINE = re.compile(
     r"^(step|reference): ([0-9.]+) images/s, .*MFU ([0-9.]+)%, peak memory (\d+)"
 )
 RATIO_LINE = re.compile(r"^ratio step/reference images/s: ([0-9.]+)x")
 ABLATION_LINE = re.compile(r"^ratio step\[(.+)\]/step images/s: ([0-9.]+)x")
 SECTION = re.compile(r"^== (.+?) \(limit \d+s\)")
+DATA_LINE = re.compile(
+    r"^(dali) \((?:gpu|cpu)\): ([0-9.]+) images/s|^(reference) \(.*\): ([0-9.]+) images/s"
+)
+DATA_RATIO_LINE = re.compile(r"^ratio dali/reference: ([0-9.]+)x")
+# `deitlt train` logs one line per log window; the last one is past compilation and warm-up.
+TRAIN_LINE = re.compile(r"^\[step \d+/\d+\] .*\bimages_per_s=([0-9.e+]+)")
+DATA_WAIT = re.compile(r"\bdata_wait_fraction=([0-9.e+-]+)")
 
 
 def parse_benchmarks(text: str) -> dict[str, dict[str, float]]:
@@ -110,6 +136,20 @@ def parse_benchmarks(text: str) -> dict[str, dict[str, float]]:
         if ablation:
             variant, value = ablation.groups()
             results.setdefault(section, {})[f"variant {variant}"] = float(value)
+        data = DATA_LINE.match(line)
+        if data:
+            name, rate = (data.group(1), data.group(2)) if data.group(1) else data.group(3, 4)
+            results.setdefault(section, {})[f"{name} images/s"] = float(rate)
+        data_ratio = DATA_RATIO_LINE.match(line)
+        if data_ratio:
+            results.setdefault(section, {})["x reference"] = float(data_ratio.group(1))
+        train = TRAIN_LINE.match(line)
+        if train:
+            figures = results.setdefault(section, {})
+            figures["train images/s"] = float(train.group(1))
+            wait = DATA_WAIT.search(line)
+            if wait:
+                figures["train data wait %"] = 100 * float(wait.group(1))
     return results
 
 
@@ -121,8 +161,22 @@ def cmd_summary(log: Path) -> int:
     columns = ("step images/s", "reference images/s", "x reference", "step MFU %", "step peak MiB")
     print(f"{'benchmark':44s} " + " ".join(f"{c:>18s}" for c in columns))
     for section, figures in results.items():
+        if "step images/s" not in figures:
+            continue
         cells = " ".join(f"{figures.get(c, float('nan')):18.2f}" for c in columns)
         print(f"{section[:44]:44s} {cells}")
+    for section, figures in results.items():
+        if "dali images/s" in figures:
+            print(
+                f"{section[:44]:44s} DALI {figures['dali images/s']:.1f} images/s, reference "
+                f"{figures.get('reference images/s', float('nan')):.1f} images/s, "
+                f"{figures.get('x reference', float('nan')):.2f}x"
+            )
+        if "train images/s" in figures:
+            print(
+                f"{section[:44]:44s} last log window {figures['train images/s']:.1f} images/s, "
+                f"data wait {figures.get('train data wait %', float('nan')):.1f}%"
+            )
     for section, figures in results.items():
         for key, value in figures.items():
             if key.startswith("variant "):
@@ -146,6 +200,10 @@ def main() -> int:
     sub = parser.add_subparsers(dest="command", required=True)
     sub.add_parser("env", help="versions and the features the step relies on")
     sub.add_parser("select-tests", help="test files with gpu tests that import here")
+    dataset = sub.add_parser("make-dataset", help="generated shards and a random teacher")
+    dataset.add_argument("root", type=Path, help="directory to write")
+    dataset.add_argument("--images", type=int, default=2048, help="training images (2048)")
+    dataset.add_argument("--classes", type=int, default=100, help="classes (100)")
     summary = sub.add_parser("summary", help="the step benchmarks of a gpu_check log")
     summary.add_argument("log", type=Path, help="the gpu_check log file")
     args = parser.parse_args()
@@ -153,6 +211,8 @@ def main() -> int:
         return cmd_env()
     if args.command == "select-tests":
         return cmd_select_tests()
+    if args.command == "make-dataset":
+        return cmd_make_dataset(args.root, args.images, args.classes)
     return cmd_summary(args.log)
 
 

@@ -14,6 +14,8 @@
 #   machine installs only those it does not already have.
 # * setuptools and PyYAML are carried in case the image lacks them (the project is installed with
 #   --no-build-isolation, and its config loader needs yaml).
+# * webdataset (+ braceexpand) for the reference loader of `deitlt bench data` and the DALI tests.
+#   DALI itself and its own dependencies are far larger: scripts/prepare_gpu_payload.sh.
 #
 # The wheels are build outputs: build/ is ignored by git, never commit them. The total must stay
 # under 64 MiB (what the GPU machine receives); the script fails when it does not.
@@ -38,7 +40,7 @@ mkdir -p "$WHEELS"
   "hjson==3.1.0" "py-cpuinfo==9.0.0" "msgpack==1.2.4" "psutil==7.2.2" "ninja==1.13.2" \
   "einops==0.8.2" "pydantic==2.14.4" "pydantic-core==2.50.5" "annotated-types==0.8.0" \
   "typing-inspection==0.4.5" "typing-extensions==4.16.0" "packaging==26.3" "tqdm==4.70.1" \
-  "setuptools==84.2.1" "pyyaml==6.0.4"
+  "setuptools==84.2.1" "pyyaml==6.0.4" "webdataset==1.0.2" "braceexpand==0.1.7"
 
 ls -l "$WHEELS"
 total=$(du -cb "$WHEELS"/*.whl | tail -1 | cut -f1)

@@ -214,3 +214,33 @@ def test_step_description_names_what_acts_on_the_device(tmp_path):
         "DeepSpeed ZeRO 1, bf16, eager student, teacher bf16 channels_last"
     )
     assert _step_how(off, None, on_cuda=True).endswith("eager student, no teacher")
+
+
+def test_gpu_check_summary_reads_the_data_pipeline_and_training_figures(capsys, tmp_path):
+    from deitlt_scale.cli import main
+
+    argv = ["bench", "data", "--device", "cpu", "--image-size", "32", "--batch-size", "8",
+            "--batches", "2", "--warmup", "1", "--threads", "1", "--source-size", "48", "64"]  # fmt: skip
+    assert main(argv) == 0
+    data_out = capsys.readouterr().out
+    # the line format of `deitlt train`'s log windows (engine/trainer.py, Trainer._log)
+    train_out = (
+        "[step 4/12] loss=6.9 cls=3.4 dist=3.5 images_per_s=812.5 data_wait_fraction=0.0125 lr=1e-06\n"
+        "[step 8/12] loss=6.8 cls=3.4 dist=3.4 images_per_s=2750 data_wait_fraction=0.004 lr=2e-06\n"
+    )
+    log = tmp_path / "gpu_check.log"
+    log.write_text(
+        f"== bench data --device gpu (limit 120s) at 00:00:00 UTC\n{data_out}"
+        f"== train DeiT-S/16 (limit 150s) at 00:00:01 UTC\n{train_out}"
+    )
+    results = gpu_check.parse_benchmarks(log.read_text())
+    data = results["bench data --device gpu"]
+    dali = float(re.search(rf"^dali \(cpu\): {NUMBER} images/s", data_out, re.M).group(1))
+    assert data["dali images/s"] == dali and data["reference images/s"] > 0
+    assert data["x reference"] == pytest.approx(dali / data["reference images/s"], abs=0.006)
+    train = results["train DeiT-S/16"]
+    assert train == {"train images/s": 2750.0, "train data wait %": pytest.approx(0.4)}
+    assert gpu_check.cmd_summary(log) == 1  # no DeiT-B step figures: the goals cannot be judged
+    table = capsys.readouterr().out
+    assert f"DALI {dali:.1f} images/s" in table
+    assert "last log window 2750.0 images/s, data wait 0.4%" in table
