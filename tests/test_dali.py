@@ -103,8 +103,16 @@ def write_dataset(
     return meta_io.load(root)
 
 
-def make_config(**augment: object) -> DataConfig:
-    cfg = DataConfig(image_size=SIZE, device="cpu", num_threads=1, prefetch=2, shuffle_buffer=16)
+def make_config(repeated_aug: int = 1, epoch_multiple: int = 1, **augment: object) -> DataConfig:
+    """Every sample once per epoch unless told otherwise (the tests of the sampler say so)."""
+    cfg = DataConfig(
+        image_size=SIZE,
+        device="cpu",
+        num_threads=1,
+        prefetch=2,
+        repeated_aug=repeated_aug,
+        epoch_multiple=epoch_multiple,
+    )
     cfg.augment = dataclasses.replace(cfg.augment, **augment)
     return cfg
 
@@ -365,7 +373,6 @@ def test_crop_and_flip_statistics_match_the_configuration_and_the_reference(
     gradients: DatasetMeta,
 ) -> None:
     cfg = make_config(**PLAIN)
-    cfg.shuffle_buffer = 32
     dali = list(train_loader(gradients, cfg, micro_batch=32, micro_batches_per_epoch=8).epoch(0))
     tars = [tar for tar, _ in gradients.shard_files("train")]
     stream = iter(ReferenceLoader(tars, cfg, batch_size=32, num_workers=0, seed=0))
@@ -505,9 +512,10 @@ def test_shard_truncated_mid_epoch_raises_naming_it_without_hanging(tmp_path: Pa
     train = [Sample(f"t{i:04d}", colour_image(i, side=64), i) for i in range(96)]
     meta = write_dataset(tmp_path / "d", train, [Sample("e0000", colour_image(0), 0)], 96, 4, 1)
     cfg = make_config(**PLAIN)
-    cfg.shuffle_buffer, cfg.prefetch = 2, 1
+    cfg.prefetch, cfg.cache_mb = 1, 0  # read from the tars, not from memory
     loader = train_loader(meta, cfg, micro_batch=2, micro_batches_per_epoch=48)
-    last = meta.shard_files("train")[loader.shard_order(0)[-1]][0]  # read last this epoch
+    last_sample = int(loader.epoch_samples(0)[-1][0])  # read last this epoch
+    last = loader.store.shards[int(loader.store.shard_of[last_sample])].tar
     batches = loader.epoch(0)
     next(batches)
     with open(last, "r+b") as f:
