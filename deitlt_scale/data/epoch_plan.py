@@ -82,11 +82,16 @@ class EpochLayout:
         return min(self.micro_batch, self.per_rank - index * self.micro_batch)
 
 
+def epoch_permutation(num_samples: int, seed: int, epoch: int) -> np.ndarray:
+    """The epoch's permutation of the stored sample indices (the same on every rank)."""
+    generator = torch.Generator().manual_seed(derive_seed("epoch-order", seed, epoch))
+    return torch.randperm(num_samples, generator=generator).numpy()
+
+
 def global_sequence(layout: EpochLayout, seed: int, epoch: int) -> np.ndarray:
     """The epoch's samples in the reference's order, all ranks together: a permutation of N,
     each index repeated ``repeats`` times, cut to ``world * per_rank`` entries."""
-    generator = torch.Generator().manual_seed(derive_seed("epoch-order", seed, epoch))
-    permutation = torch.randperm(layout.num_samples, generator=generator).numpy()
+    permutation = epoch_permutation(layout.num_samples, seed, epoch)
     return np.repeat(permutation, layout.repeats)[: layout.world_size * layout.per_rank]
 
 
@@ -123,4 +128,11 @@ def epoch_plan(layout: EpochLayout, seed: int, epoch: int, rank: int) -> list[Mi
     ]
 
 
-__all__ = ["EpochLayout", "MicroBatch", "epoch_plan", "global_sequence", "micro_batch_plan"]
+__all__ = [
+    "EpochLayout",
+    "MicroBatch",
+    "epoch_permutation",
+    "epoch_plan",
+    "global_sequence",
+    "micro_batch_plan",
+]
