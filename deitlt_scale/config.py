@@ -170,9 +170,11 @@ class DeepSpeedConfig:
     bf16: bool = True
     gradient_clipping: float = 0.0  # set explicitly: DeepSpeed's default changed across versions
     offload_optimizer: bool = False
-    # dtype gradients are accumulated and reduced in under bf16 (DeepSpeed data_types); the
-    # reference accumulates fp32 gradients (fp16 autocast with fp32 parameters).
-    grad_accum_dtype: Literal["fp32", "bf16"] = "fp32"
+    # Under bf16, the dtype gradients are accumulated and reduced in (DeepSpeed data_types).
+    # bf16 is DeepSpeed's default; the reference accumulates fp32 gradients (fp16 autocast over
+    # fp32 parameters), which the paper recipes set. ZeRO 1 then runs DeepSpeed's BF16_Optimizer
+    # (docs/benchmarks.md measures the cost); ZeRO 0 does not support fp32.
+    grad_accum_dtype: Literal["fp32", "bf16"] = "bf16"
 
 
 @dataclass
@@ -356,6 +358,13 @@ def validate(cfg: Config) -> None:
     )
     _require(0 < a.eval_crop_pct <= 1, "data.augment.eval_crop_pct", "must be in (0, 1]")
     _require(cfg.checkpoint.keep_last >= 1, "checkpoint.keep_last", "must be >= 1")
+    ds = cfg.deepspeed
+    _require(
+        not (ds.bf16 and ds.grad_accum_dtype == "fp32" and ds.zero_stage == 0),
+        "deepspeed.grad_accum_dtype",
+        "fp32 needs deepspeed.zero_stage 1 or 2 under bf16 (DeepSpeed accumulates bf16 gradients "
+        "in their own dtype at stage 0); set deepspeed.grad_accum_dtype=bf16 or zero_stage=1",
+    )
     if cfg.optim.sam_rho > 0:
         _require(
             t.task == "teacher" and cfg.deepspeed.zero_stage == 0 and t.grad_accum == 1,
@@ -385,9 +394,11 @@ def validate_world(cfg: Config, world_size: int) -> None:
 def samples_per_rank(num_samples: int, world_size: int, multiple: int) -> int:
     """Samples one rank trains on per epoch: ``floor(floor(N / multiple) * multiple / world)``.
 
-    The reference's RASampler truncation (METHOD.md 1.6) with ``multiple`` = 256.
+    The reference's RASampler truncation (METHOD.md 1.6) with ``multiple`` = 256. A split smaller
+    than one ``multiple`` (whose epochs the reference leaves empty) keeps ``floor(N / world)``.
     """
-    return (num_samples // multiple) * multiple // world_size
+    kept = (num_samples // multiple) * multiple if num_samples >= multiple else num_samples
+    return kept // world_size
 
 
 @dataclass(frozen=True)
@@ -452,8 +463,8 @@ def resolve_steps(cfg: Config, train_samples: int, world_size: int) -> Steps:
     per_rank = samples_per_rank(train_samples, world_size, cfg.data.epoch_multiple)
     if per_rank < 1:
         raise ConfigError(
-            f"data.epoch_multiple={cfg.data.epoch_multiple} over world={world_size} leaves no "
-            f"sample of the {train_samples} training images per rank; lower data.epoch_multiple"
+            f"the {train_samples} training images are fewer than the {world_size} ranks; "
+            "use fewer processes"
         )
     micro_batches = -(-per_rank // t.micro_batch)
     steps_per_epoch = -(-micro_batches // t.grad_accum)

@@ -133,10 +133,10 @@ def test_max_steps_cuts_the_run_but_not_the_schedule():
     assert (steps.total, steps.scheduled) == (5, 100)
 
 
-def test_a_dataset_smaller_than_the_epoch_multiple_is_refused():
+def test_fewer_images_than_ranks_is_refused():
     cfg = config.load(None, ["train.micro_batch=64"])
-    with pytest.raises(ConfigError, match="no sample of the 50 training images"):
-        config.resolve_steps(cfg, train_samples=50, world_size=1)
+    with pytest.raises(ConfigError, match="the 3 training images are fewer than the 4 ranks"):
+        config.resolve_steps(cfg, train_samples=3, world_size=4)
 
 
 def test_dump_and_reload_round_trip(tmp_path):

@@ -220,7 +220,8 @@ def test_an_odd_last_micro_batch_under_mixup_is_refused() -> None:
     assert config.resolve_steps(without_mixup, 1_100, 3).last_micro_batch == 85
 
 
-def test_fewer_samples_than_the_epoch_multiple_is_refused() -> None:
+def test_a_split_smaller_than_the_epoch_multiple_keeps_its_samples() -> None:
     cfg = config.load(None, ["train.micro_batch=8"])
-    with pytest.raises(ConfigError, match="lower data.epoch_multiple"):
-        config.resolve_steps(cfg, 200, 1)
+    assert config.resolve_steps(cfg, 200, 2).samples_per_rank == 100
+    with pytest.raises(ConfigError, match="fewer than the 4 ranks"):
+        config.resolve_steps(cfg, 3, 4)

@@ -318,8 +318,8 @@ class TrainLoader:
         )
         if self.layout.per_rank < 1:
             raise UserError(
-                f"data.epoch_multiple={cfg.epoch_multiple} over {world_size} ranks leaves no "
-                f"sample of the {self.num_samples} training images per rank; lower it"
+                f"{meta.root}: the train split has {self.num_samples} images, fewer than the "
+                f"{world_size} ranks"
             )
         available = self.layout.micro_batches
         if micro_batches_per_epoch is None:
