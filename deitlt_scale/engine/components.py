@@ -102,7 +102,15 @@ def build_teacher(cfg: Config, meta: DatasetMeta, device: torch.device) -> tuple
     if cfg.teacher.compile:
         teacher = torch.compile(teacher)
     runner = TeacherRunner(
-        teacher, info.input_size, dtype, cfg.teacher.channels_last, cfg.teacher.side_stream
+        teacher,
+        info.input_size,
+        dtype,
+        cfg.teacher.channels_last,
+        cfg.teacher.side_stream,
+        student_mean=cfg.data.mean,
+        student_std=cfg.data.std,
+        teacher_mean=info.mean,
+        teacher_std=info.std,
     )
     return runner, info
 
