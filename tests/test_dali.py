@@ -6,6 +6,7 @@ import dataclasses
 import io
 import re
 import tarfile
+from collections import Counter
 from collections.abc import Callable
 from pathlib import Path
 
@@ -269,6 +270,45 @@ def test_next_epoch_defined_in_the_background_gives_the_batches_of_a_fresh_defin
         assert torch.equal(a.images, b.images)
 
 
+def test_batches_carry_the_samples_of_the_plan_and_a_smaller_last_micro_batch(
+    colours: DatasetMeta,
+) -> None:
+    loader = train_loader(
+        colours, make_config(repeated_aug=3, **PLAIN), micro_batch=5, micro_batches_per_epoch=None
+    )
+    batches = list(loader.epoch(2))
+    assert [len(b.labels) for b in batches] == [5] * 9 + [3]  # 48 images per epoch
+    for batch, samples in zip(batches, loader.epoch_samples(2), strict=True):
+        assert batch.samples.tolist() == samples.tolist()
+        assert batch.labels.tolist() == samples.tolist()  # a sample's label is its id here
+        assert decode_ids(batch.images) == batch.labels.tolist()
+    assert [loader.key(i) for i in batches[0].samples.tolist()] == [
+        f"t{i:04d}" for i in batches[0].samples.tolist()
+    ]
+
+
+def test_an_epoch_with_repeated_augmentation_reads_a_third_of_the_images_three_times(
+    colours: DatasetMeta,
+) -> None:
+    loader = train_loader(colours, make_config(repeated_aug=3, **PLAIN))
+    copies = Counter(labels_of(loader.epoch(0)))
+    assert sum(copies.values()) == N_TRAIN
+    assert sorted(copies.values()) == [3] * (N_TRAIN // 3)
+
+
+def test_resuming_with_repeated_augmentation_retraces_the_samples_and_the_draws(
+    colours: DatasetMeta,
+) -> None:
+    loader = train_loader(colours, make_config(repeated_aug=3))  # the full recipe
+    whole = list(loader.epoch(1))
+    resumed = list(loader.epoch(1, start=5))
+    assert len(resumed) == len(whole) - 5
+    for a, b in zip(whole[5:], resumed, strict=True):
+        assert torch.equal(a.samples, b.samples)
+        assert torch.equal(a.labels, b.labels)
+        assert torch.allclose(a.images, b.images)
+
+
 def test_start_at_the_end_yields_nothing(colours: DatasetMeta) -> None:
     loader = train_loader(colours, make_config(**PLAIN))
     assert list(loader.epoch(0, start=len(loader))) == []
@@ -393,6 +433,24 @@ def test_crop_and_flip_statistics_match_the_configuration_and_the_reference(
     assert abs(float(dali_flip.float().mean() - ref_flip.float().mean())) < 0.15
 
 
+def test_copies_of_an_image_are_augmented_independently(gradients: DatasetMeta) -> None:
+    """Every sample here is the same picture: copies differ only by their augmentation draws."""
+    cfg = make_config(repeated_aug=3, **PLAIN)
+    loader = train_loader(gradients, cfg, micro_batch=32, micro_batches_per_epoch=8)
+    areas: dict[int, list[float]] = {}
+    for batch in loader.epoch(0):
+        area, _, _ = crop_geometry(batch.images)
+        for sample, value in zip(batch.samples.tolist(), area.tolist()):
+            areas.setdefault(sample, []).append(value)
+    triples = torch.tensor([v for v in areas.values() if len(v) == 3])
+    assert len(triples) >= 80  # 256 images: 85 samples x 3, one split over two micro-batches
+    within = float(triples.var(dim=1).mean())
+    overall = float(triples.flatten().var())
+    # Independent draws: the spread within an image's copies is the overall spread (ratio ~1);
+    # copies sharing one draw would give 0.
+    assert within / overall > 0.7
+
+
 def test_reference_loader_is_endless_with_full_batches(small: DatasetMeta) -> None:
     tars = [tar for tar, _ in small.shard_files("train")]  # 32 images in 4 shards
     loader = ReferenceLoader(tars, make_config(**PLAIN), batch_size=12, num_workers=8, seed=0)
@@ -506,6 +564,21 @@ def test_sample_without_label_is_named(small: DatasetMeta) -> None:
     tar = drop_label(small, 3, "t0026")
     meta = meta_io.load(small.root)
     _raises_naming(tar, lambda: train_loader(meta, make_config(), micro_batches_per_epoch=2))
+
+
+def test_corrupt_jpeg_met_while_decoding_is_named(small: DatasetMeta) -> None:
+    tar, index = _shard(small, 1)
+    fields = index.read_text().splitlines()[1].split()
+    jpg = fields.index("jpg")
+    offset, length = int(fields[jpg + 1]), int(fields[jpg + 2])
+    with open(tar, "r+b") as f:  # same size, same index: only decoding can tell
+        f.seek(offset)
+        f.write(b"\x00" * length)
+    loader = train_loader(small, make_config(), micro_batches_per_epoch=None)
+    with pytest.raises(ShardError) as err:
+        list(loader.epoch(0))
+    assert tar.name in str(err.value)
+    assert "\n" not in str(err.value)
 
 
 def test_shard_truncated_mid_epoch_raises_naming_it_without_hanging(tmp_path: Path) -> None:
