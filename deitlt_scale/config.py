@@ -63,12 +63,17 @@ class DataConfig:
     device: Literal["auto", "cpu", "gpu"] = "auto"  # where DALI decodes and augments
     num_threads: int = 2  # DALI CPU threads per rank
     prefetch: int = 2  # DALI prefetch queue depth
-    shuffle_buffer: int = (
-        1024  # DALI reader shuffle buffer (samples are pre-shuffled across shards)
-    )
+    # Shuffle buffer of the torch reference loader (`deitlt bench data`); the DALI train loader
+    # permutes the whole split every epoch.
+    shuffle_buffer: int = 1024
     # Repeated augmentation (RASampler): each image drawn for an epoch is trained on this many
     # times, independently augmented, within one optimizer step; 1 switches it off.
     repeated_aug: int = 3
+    # How the copies are made: "per_copy" feeds each copy's encoded bytes to DALI (decoded per
+    # copy, fused with its crop; one augmentation branch over the whole micro-batch); "once"
+    # decodes each image once and augments it in `repeated_aug` branches. Measured on CPU by
+    # `deitlt bench data` (docs/benchmarks.md): per_copy is faster there.
+    repeated_aug_decode: Literal["per_copy", "once"] = "per_copy"
     # An epoch trains on floor(N / epoch_multiple) * epoch_multiple samples, split evenly over
     # the ranks (per rank: floor(that / world)); 1 keeps every sample.
     epoch_multiple: int = REFERENCE_EPOCH_MULTIPLE

@@ -104,7 +104,9 @@ def write_dataset(
     return meta_io.load(root)
 
 
-def make_config(repeated_aug: int = 1, epoch_multiple: int = 1, **augment: object) -> DataConfig:
+def make_config(
+    repeated_aug: int = 1, epoch_multiple: int = 1, decode: str = "per_copy", **augment: object
+) -> DataConfig:
     """Every sample once per epoch unless told otherwise (the tests of the sampler say so)."""
     cfg = DataConfig(
         image_size=SIZE,
@@ -112,6 +114,7 @@ def make_config(repeated_aug: int = 1, epoch_multiple: int = 1, **augment: objec
         num_threads=1,
         prefetch=2,
         repeated_aug=repeated_aug,
+        repeated_aug_decode=decode,
         epoch_multiple=epoch_multiple,
     )
     cfg.augment = dataclasses.replace(cfg.augment, **augment)
@@ -270,12 +273,15 @@ def test_next_epoch_defined_in_the_background_gives_the_batches_of_a_fresh_defin
         assert torch.equal(a.images, b.images)
 
 
+DECODES = ["per_copy", "once"]
+
+
+@pytest.mark.parametrize("decode", DECODES)
 def test_batches_carry_the_samples_of_the_plan_and_a_smaller_last_micro_batch(
-    colours: DatasetMeta,
+    colours: DatasetMeta, decode: str
 ) -> None:
-    loader = train_loader(
-        colours, make_config(repeated_aug=3, **PLAIN), micro_batch=5, micro_batches_per_epoch=None
-    )
+    cfg = make_config(repeated_aug=3, decode=decode, **PLAIN)
+    loader = train_loader(colours, cfg, micro_batch=5, micro_batches_per_epoch=None)
     batches = list(loader.epoch(2))
     assert [len(b.labels) for b in batches] == [5] * 9 + [3]  # 48 images per epoch
     for batch, samples in zip(batches, loader.epoch_samples(2), strict=True):
@@ -296,10 +302,11 @@ def test_an_epoch_with_repeated_augmentation_reads_a_third_of_the_images_three_t
     assert sorted(copies.values()) == [3] * (N_TRAIN // 3)
 
 
+@pytest.mark.parametrize("decode", DECODES)
 def test_resuming_with_repeated_augmentation_retraces_the_samples_and_the_draws(
-    colours: DatasetMeta,
+    colours: DatasetMeta, decode: str
 ) -> None:
-    loader = train_loader(colours, make_config(repeated_aug=3))  # the full recipe
+    loader = train_loader(colours, make_config(repeated_aug=3, decode=decode))  # full recipe
     whole = list(loader.epoch(1))
     resumed = list(loader.epoch(1, start=5))
     assert len(resumed) == len(whole) - 5
@@ -433,9 +440,12 @@ def test_crop_and_flip_statistics_match_the_configuration_and_the_reference(
     assert abs(float(dali_flip.float().mean() - ref_flip.float().mean())) < 0.15
 
 
-def test_copies_of_an_image_are_augmented_independently(gradients: DatasetMeta) -> None:
+@pytest.mark.parametrize("decode", DECODES)
+def test_copies_of_an_image_are_augmented_independently(
+    gradients: DatasetMeta, decode: str
+) -> None:
     """Every sample here is the same picture: copies differ only by their augmentation draws."""
-    cfg = make_config(repeated_aug=3, **PLAIN)
+    cfg = make_config(repeated_aug=3, decode=decode, **PLAIN)
     loader = train_loader(gradients, cfg, micro_batch=32, micro_batches_per_epoch=8)
     areas: dict[int, list[float]] = {}
     for batch in loader.epoch(0):
@@ -685,26 +695,35 @@ def test_bench_data_measures_both_loaders_and_prints_the_ratio_last(capsys) -> N
     lines = capsys.readouterr().out.strip().splitlines()
     assert "DALI prefetch depth 3, 3 timed batches after 1" in lines[0]
     number = r"([0-9]+\.[0-9]+)"
-    dali = re.fullmatch(rf"dali \(cpu, repeated aug 3\): {number} images/s", lines[-7])
-    plain = re.fullmatch(rf"dali \(cpu, repeated aug off\): {number} images/s", lines[-6])
-    reference = re.fullmatch(
-        rf"reference \(DataLoader, 1 workers, PIL \+ timm\): {number} images/s", lines[-5]
+    dali = re.fullmatch(
+        rf"dali \(cpu, repeated aug 3, decoded per copy\): {number} images/s", lines[-9]
     )
-    repeated_ratio = re.fullmatch(rf"ratio repeated aug 3/off: {number}x", lines[-3])
+    once = re.fullmatch(
+        rf"dali \(cpu, repeated aug 3, decoded once\): {number} images/s", lines[-8]
+    )
+    plain = re.fullmatch(rf"dali \(cpu, repeated aug off\): {number} images/s", lines[-7])
+    reference = re.fullmatch(
+        rf"reference \(DataLoader, 1 workers, PIL \+ timm\): {number} images/s", lines[-6]
+    )
+    per_copy_ratio = re.fullmatch(
+        rf"ratio repeated aug 3, decoded per copy/off: {number}x", lines[-4]
+    )
+    once_ratio = re.fullmatch(rf"ratio repeated aug 3, decoded once/off: {number}x", lines[-3])
     epoch_start = re.fullmatch(
         rf"epoch start \(wait for the first batch, 50 ms simulated step per batch\): {number} s "
         rf"with the pipeline defined when the epoch starts, {number} s defined ahead during the "
         "previous epoch",
-        lines[-4],
+        lines[-5],
     )
     ahead_ratio = re.fullmatch(rf"ratio epoch start wait ahead/at start: {number}x", lines[-2])
     ratio = re.fullmatch(rf"ratio dali/reference: {number}x", lines[-1])
-    assert dali and plain and reference and epoch_start and ahead_ratio and ratio, lines
-    assert repeated_ratio, lines
-    rates = [float(m.group(1)) for m in (dali, plain, reference)]
+    assert dali and once and plain and reference and epoch_start and ahead_ratio and ratio, lines
+    assert per_copy_ratio and once_ratio, lines
+    rates = [float(m.group(1)) for m in (dali, once, plain, reference)]
     assert all(rate > 0 for rate in rates)
-    assert float(ratio.group(1)) == pytest.approx(rates[0] / rates[2], abs=0.006)
-    assert float(repeated_ratio.group(1)) == pytest.approx(rates[0] / rates[1], abs=0.006)
+    assert float(ratio.group(1)) == pytest.approx(rates[0] / rates[3], abs=0.006)
+    assert float(per_copy_ratio.group(1)) == pytest.approx(rates[0] / rates[2], abs=0.006)
+    assert float(once_ratio.group(1)) == pytest.approx(rates[1] / rates[2], abs=0.006)
     at_start, ahead = (float(v) for v in epoch_start.groups())
     assert at_start > 0 and ahead > 0
     assert float(ahead_ratio.group(1)) == pytest.approx(ahead / at_start, abs=0.006)

@@ -7,13 +7,16 @@ rank), repeats each sample ``data.repeated_aug`` times, and trains on
 micro-batches of ``micro_batch`` (the last one may be smaller). Every micro-batch holds, over all
 ranks, the samples the reference's micro-batch of that index holds; a rank reads each of its
 samples once (:mod:`deitlt_scale.data.sample_store`: from memory, or by ``pread`` from the tars)
-and feeds the encoded bytes to DALI through ``fn.external_source``; DALI decodes each once and
-augments it ``repeated_aug`` times with independent draws, seeded by ``(seed, epoch, rank)``.
-The copies are then put in a random order inside the micro-batch (mixup pairs neighbours in
-reverse order), and every :class:`Batch` carries the stored sample index of each image.
+and feeds the encoded bytes to DALI through ``fn.external_source``. The copies of an image sit in
+a random order inside the micro-batch (mixup pairs image i with image B - 1 - i). With
+``data.repeated_aug_decode=per_copy`` each copy's bytes are fed in that order and decoded with
+its own crop; with ``once`` each image is decoded once and augmented ``repeated_aug`` times in
+separate branches, and the copies are put in order on the torch side. Either way every copy has
+its own augmentation draws, seeded by ``(seed, epoch, rank)``, and every :class:`Batch` carries
+the stored sample index of each image.
 
-A pipeline is built per epoch (its seed is the epoch's). Defining the graph takes a second or
-more of Python (three augmentation branches; measured by ``deitlt bench data``), which on a small
+A pipeline is built per epoch (its seed is the epoch's). Defining the graph takes a third of a
+second of Python (three times that with three branches; ``deitlt bench data``), which on a small
 dataset (CIFAR-LT: a few dozen micro-batches per epoch) would stall every epoch: so when an epoch
 starts, the next epoch's pipeline is defined in a background thread (DALI keeps the pipeline
 being defined per thread), and is ready when that epoch starts.
@@ -278,15 +281,18 @@ def _to_device(tensor: torch.Tensor, device: torch.device) -> torch.Tensor:
 
 
 class _Feed:
-    """The external source of one epoch's pipeline: micro-batch ``i``'s encoded samples."""
+    """The external source of one epoch's pipeline: micro-batch ``i``'s encoded samples, once
+    per image (``per_copy``: in the micro-batch's order) or once per entry (``once``)."""
 
-    def __init__(self, store: SampleStore, plan: list[MicroBatch]) -> None:
-        self.store, self.plan = store, plan
+    def __init__(self, store: SampleStore, plan: list[MicroBatch], per_copy: bool) -> None:
+        self.store, self.plan, self.per_copy = store, plan, per_copy
 
     def __call__(self, info) -> list[np.ndarray]:
         if info.iteration >= len(self.plan):
             raise StopIteration
-        return [self.store.encoded(int(i)) for i in self.plan[info.iteration].samples]
+        micro = self.plan[info.iteration]
+        samples = micro.positions() if self.per_copy else micro.samples
+        return [self.store.encoded(int(i)) for i in samples]
 
 
 class TrainLoader:
@@ -348,6 +354,8 @@ class TrainLoader:
         self._next: tuple[int, Future] | None = None
         self.define_ahead = define_ahead
         a = cfg.augment
+        # DALI yields the micro-batch's images in order (no regrouping on the torch side)
+        self.per_copy = cfg.repeated_aug == 1 or cfg.repeated_aug_decode == "per_copy"
         self.graph = TrainGraph(
             image_size=cfg.image_size,
             scale=tuple(a.scale),
@@ -359,7 +367,7 @@ class TrainLoader:
             random_erasing=a.random_erasing,
             mean=tuple(cfg.mean),
             std=tuple(cfg.std),
-            repeats=cfg.repeated_aug,
+            repeats=1 if self.per_copy else cfg.repeated_aug,
         )
 
     def __len__(self) -> int:
@@ -396,7 +404,7 @@ class TrainLoader:
 
         plan = self.plan(epoch)
         pipe = train_pipeline(
-            source=_Feed(self.store, plan),
+            source=_Feed(self.store, plan, self.per_copy),
             graph=self.graph,
             device=self.backend,
             batch_size=self.micro_batch,
@@ -428,11 +436,13 @@ class TrainLoader:
             yield self._assemble(images, plan[step])
 
     def _assemble(self, images: torch.Tensor, micro: MicroBatch) -> Batch:
-        """(E[, repeats], 3, S, S) augmented entries -> the micro-batch's images in its order."""
-        flat = images.reshape(-1, *images.shape[-3:])
-        order = torch.from_numpy(micro.order)
+        """DALI's output -> the micro-batch's images in its order: as they come (``per_copy``), or
+        (E, repeats, 3, S, S) augmented entries unfolded and put in order (``once``)."""
         samples = torch.from_numpy(micro.positions())
-        images = _to_device(flat, self.device).index_select(0, _to_device(order, self.device))
+        images = _to_device(images, self.device)
+        if not self.per_copy:
+            order = _to_device(torch.from_numpy(micro.order), self.device)
+            images = images.reshape(-1, *images.shape[-3:]).index_select(0, order)
         labels = _to_device(self.labels[samples], self.device)
         return Batch(images, labels, samples)
 
