@@ -10,10 +10,12 @@ Train graph (METHOD.md 4.2, timm ``transforms_imagenet_train``, in this order):
 1. the encoded ``<key>.jpg`` bytes of the micro-batch's samples, fed by ``fn.external_source``
    from a Python callback (``loader.TrainLoader``: the order is the reference sampler's,
    :mod:`deitlt_scale.data.epoch_plan`); a batch may hold fewer samples than ``batch_size``;
-2. decode each sample once; then, ``repeats`` times, each with its own operators and so its own
-   random draws (the repeated augmentation of RASampler), steps 3-7, and the copies stacked per
-   sample as ``(repeats, 3, S, S)``. With ``repeats == 1`` decoding is fused with the crop
-   (``fn.decoders.image_random_crop`` decodes only the crop window);
+2. ``repeats == 1`` (no repeated augmentation, or ``data.repeated_aug_decode=per_copy``, where the
+   loader feeds each copy's bytes): decoding fused with the crop of step 3
+   (``fn.decoders.image_random_crop`` decodes only the crop window). ``repeats > 1``
+   (``repeated_aug_decode=once``): decode each sample once, then run steps 3-7 ``repeats`` times,
+   each with its own operators and so its own random draws, and stack the copies per sample as
+   ``(repeats, 3, S, S)``;
 3. RandomResizedCrop (area ``scale``, aspect ``ratio``, ten attempts) to ``image_size`` x
    ``image_size`` with cubic interpolation;
 4. horizontal flip with p=``hflip`` (``fn.flip``), before RandAugment as in timm (ShearY is
