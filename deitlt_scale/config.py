@@ -24,6 +24,9 @@ from deitlt_scale.errors import UserError
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
+# The reference sampler (RASampler) trains on floor(N / 256) * 256 samples per epoch, split over
+# the ranks: METHOD.md 1.6. ``data.epoch_multiple`` defaults to it.
+REFERENCE_EPOCH_MULTIPLE = 256
 
 
 class ConfigError(UserError, ValueError):
@@ -69,9 +72,23 @@ class DataConfig:
     device: Literal["auto", "cpu", "gpu"] = "auto"  # where DALI decodes and augments
     num_threads: int = 2  # DALI CPU threads per rank
     prefetch: int = 2  # DALI prefetch queue depth
-    shuffle_buffer: int = (
-        1024  # DALI reader shuffle buffer (samples are pre-shuffled across shards)
-    )
+    # Shuffle buffer of the torch reference loader (`deitlt bench data`); the DALI train loader
+    # permutes the whole split every epoch.
+    shuffle_buffer: int = 1024
+    # Repeated augmentation (RASampler): each image drawn for an epoch is trained on this many
+    # times, independently augmented, within one optimizer step; 1 switches it off.
+    repeated_aug: int = 3
+    # How the copies are made: "per_copy" feeds each copy's encoded bytes to DALI (decoded per
+    # copy, fused with its crop; one augmentation branch over the whole micro-batch); "once"
+    # decodes each image once and augments it in `repeated_aug` branches. Measured on CPU by
+    # `deitlt bench data` (docs/benchmarks.md): per_copy is faster there.
+    repeated_aug_decode: Literal["per_copy", "once"] = "per_copy"
+    # An epoch trains on floor(N / epoch_multiple) * epoch_multiple samples, split evenly over
+    # the ranks (per rank: floor(that / world)); 1 keeps every sample.
+    epoch_multiple: int = REFERENCE_EPOCH_MULTIPLE
+    # MiB of host memory per rank the train split's encoded images may take to be served from
+    # memory; a larger split is read per sample from the tars (the OS page cache keeps them).
+    cache_mb: int = 4096
     mean: tuple[float, float, float] = IMAGENET_MEAN
     std: tuple[float, float, float] = IMAGENET_STD
     augment: AugmentConfig = field(default_factory=AugmentConfig)
@@ -218,6 +235,11 @@ class DeepSpeedConfig:
     bf16: bool = True
     gradient_clipping: float = 0.0  # set explicitly: DeepSpeed's default changed across versions
     offload_optimizer: bool = False
+    # Under bf16, the dtype gradients are accumulated and reduced in (DeepSpeed data_types).
+    # bf16 is DeepSpeed's default; the reference accumulates fp32 gradients (fp16 autocast over
+    # fp32 parameters), which the paper recipes set. ZeRO 1 then runs DeepSpeed's BF16_Optimizer
+    # (docs/benchmarks.md measures the cost); ZeRO 0 does not support fp32.
+    grad_accum_dtype: Literal["fp32", "bf16"] = "bf16"
 
 
 @dataclass
@@ -374,6 +396,17 @@ def validate(cfg: Config) -> None:
     _require(
         cfg.data.image_size >= 8, "data.image_size", f"must be >= 8, got {cfg.data.image_size}"
     )
+    _require(
+        cfg.data.repeated_aug >= 1,
+        "data.repeated_aug",
+        f"must be >= 1 (1 switches repeated augmentation off), got {cfg.data.repeated_aug}",
+    )
+    _require(
+        cfg.data.epoch_multiple >= 1,
+        "data.epoch_multiple",
+        f"must be >= 1 (1 keeps every sample), got {cfg.data.epoch_multiple}",
+    )
+    _require(cfg.data.cache_mb >= 0, "data.cache_mb", f"must be >= 0, got {cfg.data.cache_mb}")
     a = cfg.data.augment
     _require(
         0 < a.scale[0] <= a.scale[1] <= 1,
@@ -392,6 +425,13 @@ def validate(cfg: Config) -> None:
     )
     _require(0 < a.eval_crop_pct <= 1, "data.augment.eval_crop_pct", "must be in (0, 1]")
     _require(cfg.checkpoint.keep_last >= 1, "checkpoint.keep_last", "must be >= 1")
+    ds = cfg.deepspeed
+    _require(
+        not (ds.bf16 and ds.grad_accum_dtype == "fp32" and ds.zero_stage == 0),
+        "deepspeed.grad_accum_dtype",
+        "fp32 needs deepspeed.zero_stage 1 or 2 under bf16 (DeepSpeed accumulates bf16 gradients "
+        "in their own dtype at stage 0); set deepspeed.grad_accum_dtype=bf16 or zero_stage=1",
+    )
     _validate_schedules_and_paco(cfg)
 
 
@@ -467,9 +507,25 @@ def validate_world(cfg: Config, world_size: int) -> None:
         )
 
 
+def samples_per_rank(num_samples: int, world_size: int, multiple: int) -> int:
+    """Samples one rank trains on per epoch: ``floor(floor(N / multiple) * multiple / world)``.
+
+    The reference's RASampler truncation (METHOD.md 1.6) with ``multiple`` = 256. A split smaller
+    than one ``multiple`` (whose epochs the reference leaves empty) keeps ``floor(N / world)``.
+    """
+    kept = (num_samples // multiple) * multiple if num_samples >= multiple else num_samples
+    return kept // world_size
+
+
 @dataclass(frozen=True)
 class Steps:
-    """Epoch-denominated durations resolved to optimizer steps (see :func:`resolve_steps`)."""
+    """Epoch-denominated durations resolved to optimizer steps (see :func:`resolve_steps`).
+
+    Per rank an epoch is ``samples_per_rank`` samples in ``micro_batches_per_epoch`` micro-batches
+    of ``micro_batch`` (the last one holds ``last_micro_batch``, possibly fewer), grouped into
+    ``steps_per_epoch`` optimizer steps of ``grad_accum`` micro-batches (the last step holds what
+    is left: :meth:`micro_batches_in_step`). Every rank has the same sizes.
+    """
 
     steps_per_epoch: int
     total: int  # steps this run trains (train.max_steps may cut it short)
@@ -477,24 +533,65 @@ class Steps:
     warmup: int
     drw_start: int | None  # first optimizer step of the DRW phase, None when never
     micro_batches_per_epoch: int  # per rank
+    samples_per_rank: int  # per epoch
+    micro_batch: int  # images in every micro-batch but the epoch's last
+    grad_accum: int  # micro-batches in every optimizer step but the epoch's last
 
     def epoch_of(self, step: int) -> int:
         return step // self.steps_per_epoch
 
+    @property
+    def last_micro_batch(self) -> int:
+        """Images in the epoch's last micro-batch (``micro_batch`` when the epoch divides)."""
+        return self.samples_per_rank - (self.micro_batches_per_epoch - 1) * self.micro_batch
+
+    def micro_batches_in_step(self, step: int) -> int:
+        """Micro-batches optimizer step ``step`` (global, 0-based) accumulates: ``grad_accum``,
+        except the epoch's last step, which takes the rest."""
+        within = step % self.steps_per_epoch
+        if within < self.steps_per_epoch - 1:
+            return self.grad_accum
+        return self.micro_batches_per_epoch - within * self.grad_accum
+
+    def micro_batch_size(self, step: int, micro: int) -> int:
+        """Images per rank in micro-batch ``micro`` (0-based within the step) of ``step``."""
+        if not 0 <= micro < self.micro_batches_in_step(step):
+            raise ValueError(f"step {step} has no micro-batch {micro}")
+        index = (step % self.steps_per_epoch) * self.grad_accum + micro
+        if index == self.micro_batches_per_epoch - 1:
+            return self.last_micro_batch
+        return self.micro_batch
+
+    def first_micro_batch(self, step: int) -> int:
+        """Index within its epoch of the first micro-batch of ``step`` (for resuming)."""
+        return (step % self.steps_per_epoch) * self.grad_accum
+
 
 def resolve_steps(cfg: Config, train_samples: int, world_size: int) -> Steps:
-    """An epoch is ``floor(N / global_batch)`` optimizer steps; the remainder is dropped.
+    """The reference's epoch (METHOD.md 1.6), in optimizer steps.
 
-    Every rank sees ``steps_per_epoch * grad_accum`` micro-batches of ``micro_batch`` images,
-    so ranks stay in lock-step and the mixup batch is always full and even.
+    Per rank an epoch is ``samples_per_rank(N, world, data.epoch_multiple)`` samples, cut into
+    ``ceil(samples / micro_batch)`` micro-batches (the last may be smaller) and grouped into
+    ``ceil(micro_batches / grad_accum)`` optimizer steps (the last may hold fewer micro-batches).
+    Warm-up, DRW start and the total are counted in these steps.
     """
     t = cfg.train
-    global_batch = t.micro_batch * t.grad_accum * world_size
-    steps_per_epoch = train_samples // global_batch
-    if steps_per_epoch < 1:
+    per_rank = samples_per_rank(train_samples, world_size, cfg.data.epoch_multiple)
+    if per_rank < 1:
         raise ConfigError(
-            f"train.micro_batch={t.micro_batch} x train.grad_accum={t.grad_accum} x world={world_size} "
-            f"= {global_batch} exceeds the {train_samples} training images; use a smaller batch"
+            f"the {train_samples} training images are fewer than the {world_size} ranks; "
+            "use fewer processes"
+        )
+    micro_batches = -(-per_rank // t.micro_batch)
+    steps_per_epoch = -(-micro_batches // t.grad_accum)
+    last = per_rank - (micro_batches - 1) * t.micro_batch
+    mix = cfg.data.mixup
+    mixing = mix.prob > 0 and (mix.mixup_alpha > 0 or mix.cutmix_alpha > 0)
+    if mixing and last % 2:
+        raise ConfigError(
+            f"the last micro-batch of an epoch holds {last} images ({per_rank} per rank in "
+            f"micro-batches of {t.micro_batch}), but mixup needs an even batch; change "
+            "train.micro_batch, the world size or data.epoch_multiple"
         )
     total = steps_per_epoch * t.epochs
     if t.max_steps is not None:
@@ -507,7 +604,10 @@ def resolve_steps(cfg: Config, train_samples: int, world_size: int) -> Steps:
         scheduled=steps_per_epoch * t.epochs,
         warmup=warmup,
         drw_start=None if drw is None else drw * steps_per_epoch,
-        micro_batches_per_epoch=steps_per_epoch * t.grad_accum,
+        micro_batches_per_epoch=micro_batches,
+        samples_per_rank=per_rank,
+        micro_batch=t.micro_batch,
+        grad_accum=t.grad_accum,
     )
 
 

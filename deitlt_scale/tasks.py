@@ -383,5 +383,16 @@ def load_frozen_teacher(
         )
     if t.compile:
         teacher = torch.compile(teacher)
-    runner = TeacherRunner(teacher, info.input_size, dtype, t.channels_last, t.side_stream)
+    runner = TeacherRunner(
+        teacher,
+        info.input_size,
+        dtype,
+        t.channels_last,
+        t.side_stream,
+        # The teacher sees the student's batch re-normalised to its own statistics.
+        student_mean=cfg.data.mean,
+        student_std=cfg.data.std,
+        teacher_mean=info.mean,
+        teacher_std=info.std,
+    )
     return runner, info

@@ -104,24 +104,39 @@ def test_epochs_resolve_to_optimizer_steps():
         ],
     )
     steps = config.resolve_steps(cfg, train_samples=1000, world_size=2)
-    assert steps.steps_per_epoch == 1000 // 64 == 15
-    assert steps.total == steps.scheduled == 150
-    assert steps.warmup == round(1.5 * 15)
-    assert steps.drw_start == 8 * 15
-    assert steps.micro_batches_per_epoch == 30
-    assert steps.epoch_of(44) == 2
+    # The reference's epoch: 1000 // 256 * 256 = 768 samples, 384 per rank, 24 micro-batches.
+    assert steps.samples_per_rank == 384
+    assert steps.micro_batches_per_epoch == 24
+    assert steps.steps_per_epoch == 12
+    assert steps.total == steps.scheduled == 120
+    assert steps.warmup == round(1.5 * 12)
+    assert steps.drw_start == 8 * 12
+    assert steps.epoch_of(44) == 3
+
+
+def test_a_partial_last_micro_batch_and_step_close_the_epoch():
+    cfg = config.load(None, ["train.micro_batch=16", "train.grad_accum=4", "data.epoch_multiple=1"])
+    steps = config.resolve_steps(cfg, train_samples=100, world_size=1)
+    assert steps.micro_batches_per_epoch == 7  # 6 x 16 + 4
+    assert steps.last_micro_batch == 4
+    assert steps.steps_per_epoch == 2
+    assert [steps.micro_batches_in_step(s) for s in range(4)] == [4, 3, 4, 3]
+    assert [steps.micro_batch_size(1, m) for m in range(3)] == [16, 16, 4]
 
 
 def test_max_steps_cuts_the_run_but_not_the_schedule():
-    cfg = config.load(None, ["train.epochs=10", "train.micro_batch=10", "train.max_steps=5"])
+    cfg = config.load(
+        None,
+        ["train.epochs=10", "train.micro_batch=10", "train.max_steps=5", "data.epoch_multiple=1"],
+    )
     steps = config.resolve_steps(cfg, train_samples=100, world_size=1)
     assert (steps.total, steps.scheduled) == (5, 100)
 
 
-def test_batch_larger_than_the_dataset_is_refused():
+def test_fewer_images_than_ranks_is_refused():
     cfg = config.load(None, ["train.micro_batch=64"])
-    with pytest.raises(ConfigError, match="exceeds the 50 training images"):
-        config.resolve_steps(cfg, train_samples=50, world_size=1)
+    with pytest.raises(ConfigError, match="the 3 training images are fewer than the 4 ranks"):
+        config.resolve_steps(cfg, train_samples=3, world_size=4)
 
 
 def test_dump_and_reload_round_trip(tmp_path):

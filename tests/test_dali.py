@@ -6,6 +6,7 @@ import dataclasses
 import io
 import re
 import tarfile
+from collections import Counter
 from collections.abc import Callable
 from pathlib import Path
 
@@ -103,8 +104,19 @@ def write_dataset(
     return meta_io.load(root)
 
 
-def make_config(**augment: object) -> DataConfig:
-    cfg = DataConfig(image_size=SIZE, device="cpu", num_threads=1, prefetch=2, shuffle_buffer=16)
+def make_config(
+    repeated_aug: int = 1, epoch_multiple: int = 1, decode: str = "per_copy", **augment: object
+) -> DataConfig:
+    """Every sample once per epoch unless told otherwise (the tests of the sampler say so)."""
+    cfg = DataConfig(
+        image_size=SIZE,
+        device="cpu",
+        num_threads=1,
+        prefetch=2,
+        repeated_aug=repeated_aug,
+        repeated_aug_decode=decode,
+        epoch_multiple=epoch_multiple,
+    )
     cfg.augment = dataclasses.replace(cfg.augment, **augment)
     return cfg
 
@@ -261,6 +273,49 @@ def test_next_epoch_defined_in_the_background_gives_the_batches_of_a_fresh_defin
         assert torch.equal(a.images, b.images)
 
 
+DECODES = ["per_copy", "once"]
+
+
+@pytest.mark.parametrize("decode", DECODES)
+def test_batches_carry_the_samples_of_the_plan_and_a_smaller_last_micro_batch(
+    colours: DatasetMeta, decode: str
+) -> None:
+    cfg = make_config(repeated_aug=3, decode=decode, **PLAIN)
+    loader = train_loader(colours, cfg, micro_batch=5, micro_batches_per_epoch=None)
+    batches = list(loader.epoch(2))
+    assert [len(b.labels) for b in batches] == [5] * 9 + [3]  # 48 images per epoch
+    for batch, samples in zip(batches, loader.epoch_samples(2), strict=True):
+        assert batch.samples.tolist() == samples.tolist()
+        assert batch.labels.tolist() == samples.tolist()  # a sample's label is its id here
+        assert decode_ids(batch.images) == batch.labels.tolist()
+    assert [loader.key(i) for i in batches[0].samples.tolist()] == [
+        f"t{i:04d}" for i in batches[0].samples.tolist()
+    ]
+
+
+def test_an_epoch_with_repeated_augmentation_reads_a_third_of_the_images_three_times(
+    colours: DatasetMeta,
+) -> None:
+    loader = train_loader(colours, make_config(repeated_aug=3, **PLAIN))
+    copies = Counter(labels_of(loader.epoch(0)))
+    assert sum(copies.values()) == N_TRAIN
+    assert sorted(copies.values()) == [3] * (N_TRAIN // 3)
+
+
+@pytest.mark.parametrize("decode", DECODES)
+def test_resuming_with_repeated_augmentation_retraces_the_samples_and_the_draws(
+    colours: DatasetMeta, decode: str
+) -> None:
+    loader = train_loader(colours, make_config(repeated_aug=3, decode=decode))  # full recipe
+    whole = list(loader.epoch(1))
+    resumed = list(loader.epoch(1, start=5))
+    assert len(resumed) == len(whole) - 5
+    for a, b in zip(whole[5:], resumed, strict=True):
+        assert torch.equal(a.samples, b.samples)
+        assert torch.equal(a.labels, b.labels)
+        assert torch.allclose(a.images, b.images)
+
+
 def test_start_at_the_end_yields_nothing(colours: DatasetMeta) -> None:
     loader = train_loader(colours, make_config(**PLAIN))
     assert list(loader.epoch(0, start=len(loader))) == []
@@ -365,7 +420,6 @@ def test_crop_and_flip_statistics_match_the_configuration_and_the_reference(
     gradients: DatasetMeta,
 ) -> None:
     cfg = make_config(**PLAIN)
-    cfg.shuffle_buffer = 32
     dali = list(train_loader(gradients, cfg, micro_batch=32, micro_batches_per_epoch=8).epoch(0))
     tars = [tar for tar, _ in gradients.shard_files("train")]
     stream = iter(ReferenceLoader(tars, cfg, batch_size=32, num_workers=0, seed=0))
@@ -384,6 +438,27 @@ def test_crop_and_flip_statistics_match_the_configuration_and_the_reference(
     assert abs(float(dali_area.mean() - ref_area.mean())) < 0.08
     assert abs(float(dali_ratio.log().mean() - ref_ratio.log().mean())) < 0.06
     assert abs(float(dali_flip.float().mean() - ref_flip.float().mean())) < 0.15
+
+
+@pytest.mark.parametrize("decode", DECODES)
+def test_copies_of_an_image_are_augmented_independently(
+    gradients: DatasetMeta, decode: str
+) -> None:
+    """Every sample here is the same picture: copies differ only by their augmentation draws."""
+    cfg = make_config(repeated_aug=3, decode=decode, **PLAIN)
+    loader = train_loader(gradients, cfg, micro_batch=32, micro_batches_per_epoch=8)
+    areas: dict[int, list[float]] = {}
+    for batch in loader.epoch(0):
+        area, _, _ = crop_geometry(batch.images)
+        for sample, value in zip(batch.samples.tolist(), area.tolist()):
+            areas.setdefault(sample, []).append(value)
+    triples = torch.tensor([v for v in areas.values() if len(v) == 3])
+    assert len(triples) >= 80  # 256 images: 85 samples x 3, one split over two micro-batches
+    within = float(triples.var(dim=1).mean())
+    overall = float(triples.flatten().var())
+    # Independent draws: the spread within an image's copies is the overall spread (ratio ~1);
+    # copies sharing one draw would give 0.
+    assert within / overall > 0.7
 
 
 def test_reference_loader_is_endless_with_full_batches(small: DatasetMeta) -> None:
@@ -501,13 +576,29 @@ def test_sample_without_label_is_named(small: DatasetMeta) -> None:
     _raises_naming(tar, lambda: train_loader(meta, make_config(), micro_batches_per_epoch=2))
 
 
+def test_corrupt_jpeg_met_while_decoding_is_named(small: DatasetMeta) -> None:
+    tar, index = _shard(small, 1)
+    fields = index.read_text().splitlines()[1].split()
+    jpg = fields.index("jpg")
+    offset, length = int(fields[jpg + 1]), int(fields[jpg + 2])
+    with open(tar, "r+b") as f:  # same size, same index: only decoding can tell
+        f.seek(offset)
+        f.write(b"\x00" * length)
+    loader = train_loader(small, make_config(), micro_batches_per_epoch=None)
+    with pytest.raises(ShardError) as err:
+        list(loader.epoch(0))
+    assert tar.name in str(err.value)
+    assert "\n" not in str(err.value)
+
+
 def test_shard_truncated_mid_epoch_raises_naming_it_without_hanging(tmp_path: Path) -> None:
     train = [Sample(f"t{i:04d}", colour_image(i, side=64), i) for i in range(96)]
     meta = write_dataset(tmp_path / "d", train, [Sample("e0000", colour_image(0), 0)], 96, 4, 1)
     cfg = make_config(**PLAIN)
-    cfg.shuffle_buffer, cfg.prefetch = 2, 1
+    cfg.prefetch, cfg.cache_mb = 1, 0  # read from the tars, not from memory
     loader = train_loader(meta, cfg, micro_batch=2, micro_batches_per_epoch=48)
-    last = meta.shard_files("train")[loader.shard_order(0)[-1]][0]  # read last this epoch
+    last_sample = int(loader.epoch_samples(0)[-1][0])  # read last this epoch
+    last = loader.store.shards[int(loader.store.shard_of[last_sample])].tar
     batches = loader.epoch(0)
     next(batches)
     with open(last, "r+b") as f:
@@ -604,22 +695,35 @@ def test_bench_data_measures_both_loaders_and_prints_the_ratio_last(capsys) -> N
     lines = capsys.readouterr().out.strip().splitlines()
     assert "DALI prefetch depth 3, 3 timed batches after 1" in lines[0]
     number = r"([0-9]+\.[0-9]+)"
-    dali = re.fullmatch(rf"dali \(cpu\): {number} images/s", lines[-5])
-    reference = re.fullmatch(
-        rf"reference \(DataLoader, 1 workers, PIL \+ timm\): {number} images/s", lines[-4]
+    dali = re.fullmatch(
+        rf"dali \(cpu, repeated aug 3, decoded per copy\): {number} images/s", lines[-9]
     )
+    once = re.fullmatch(
+        rf"dali \(cpu, repeated aug 3, decoded once\): {number} images/s", lines[-8]
+    )
+    plain = re.fullmatch(rf"dali \(cpu, repeated aug off\): {number} images/s", lines[-7])
+    reference = re.fullmatch(
+        rf"reference \(DataLoader, 1 workers, PIL \+ timm\): {number} images/s", lines[-6]
+    )
+    per_copy_ratio = re.fullmatch(
+        rf"ratio repeated aug 3, decoded per copy/off: {number}x", lines[-4]
+    )
+    once_ratio = re.fullmatch(rf"ratio repeated aug 3, decoded once/off: {number}x", lines[-3])
     epoch_start = re.fullmatch(
         rf"epoch start \(wait for the first batch, 50 ms simulated step per batch\): {number} s "
         rf"with the pipeline defined when the epoch starts, {number} s defined ahead during the "
         "previous epoch",
-        lines[-3],
+        lines[-5],
     )
     ahead_ratio = re.fullmatch(rf"ratio epoch start wait ahead/at start: {number}x", lines[-2])
     ratio = re.fullmatch(rf"ratio dali/reference: {number}x", lines[-1])
-    assert dali and reference and epoch_start and ahead_ratio and ratio, lines
-    rates = [float(m.group(1)) for m in (dali, reference)]
+    assert dali and once and plain and reference and epoch_start and ahead_ratio and ratio, lines
+    assert per_copy_ratio and once_ratio, lines
+    rates = [float(m.group(1)) for m in (dali, once, plain, reference)]
     assert all(rate > 0 for rate in rates)
-    assert float(ratio.group(1)) == pytest.approx(rates[0] / rates[1], abs=0.006)
+    assert float(ratio.group(1)) == pytest.approx(rates[0] / rates[3], abs=0.006)
+    assert float(per_copy_ratio.group(1)) == pytest.approx(rates[0] / rates[2], abs=0.006)
+    assert float(once_ratio.group(1)) == pytest.approx(rates[1] / rates[2], abs=0.006)
     at_start, ahead = (float(v) for v in epoch_start.groups())
     assert at_start > 0 and ahead > 0
     assert float(ahead_ratio.group(1)) == pytest.approx(ahead / at_start, abs=0.006)

@@ -3,9 +3,15 @@
 Both loaders read the same shards with the same recipe (the paper's strong augmentation), image
 size, batch size and number of CPU threads (DALI) / worker processes (reference). The first
 ``--warmup`` batches of each (pipeline build, worker start-up) are not timed. Figures are images
-per second; the ratio DALI / reference is printed last.
+per second (augmented images out of the loader); the ratio DALI / reference is printed last.
 
-Then the epoch start: the train loader makes a new pipeline every epoch, and defines the next
+DALI is measured three times in the same run: with repeated augmentation (``--repeated-aug``,
+the recipes' 3) with each copy decoded on its own (``data.repeated_aug_decode=per_copy``) and
+with each image decoded once and augmented in three branches (``once``), and without it (1); the
+ratios to the last are printed. The first DALI figure is the one compared with the reference.
+All use ``data.epoch_multiple=1``; the reference never repeats.
+
+Then the epoch start (with ``--repeated-aug``): the train loader makes a new pipeline every epoch, and defines the next
 epoch's while the current one runs. With a simulated training step of ``--step-ms`` per batch,
 the wait for each epoch's first batch (epochs 1-3 of 3-batch epochs) is measured with the pipeline
 defined ahead and defined when the epoch starts; the medians and their ratio are printed.
@@ -14,6 +20,7 @@ defined ahead and defined when the epoch starts; the medians and their ratio are
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import io
 import sys
 import tempfile
@@ -62,6 +69,13 @@ def register(parser: argparse.ArgumentParser) -> None:
         type=int,
         default=DataConfig.prefetch,
         help=f"DALI prefetch queue depth, data.prefetch (default {DataConfig.prefetch})",
+    )
+    parser.add_argument(
+        "--repeated-aug",
+        type=int,
+        default=DataConfig.repeated_aug,
+        help="augmented copies per decoded image in the first DALI measurement, data.repeated_aug "
+        f"(default {DataConfig.repeated_aug}); the second measures 1",
     )
     parser.add_argument(
         "--step-ms",
@@ -169,7 +183,7 @@ def run(args: argparse.Namespace) -> int:
     from deitlt_scale.data.reference import ReferenceLoader
     from deitlt_scale.errors import UserError
 
-    for flag in ("batches", "batch_size", "image_size", "threads", "prefetch"):
+    for flag in ("batches", "batch_size", "image_size", "threads", "prefetch", "repeated_aug"):
         if getattr(args, flag) < 1:
             raise UserError(f"--{flag.replace('_', '-')} must be >= 1")
     if args.warmup < 0:
@@ -181,6 +195,8 @@ def run(args: argparse.Namespace) -> int:
         device=args.device,
         num_threads=args.threads,
         prefetch=args.prefetch,
+        repeated_aug=args.repeated_aug,
+        epoch_multiple=1,
     )
     backend = resolve_backend(cfg.device)
     device = (
@@ -211,18 +227,30 @@ def run(args: argparse.Namespace) -> int:
             f"batches after {args.warmup}",
             flush=True,
         )
-        dali = TrainLoader(
-            meta,
-            cfg,
-            micro_batch=args.batch_size,
-            micro_batches_per_epoch=args.warmup + timed,
-            rank=0,
-            world_size=1,
-            seed=0,
-            device=device,
-        )
-        dali_rate = _time(dali.epoch(0), args.warmup, timed, device, f"dali-{backend}")
-        print(f"dali ({backend}): {dali_rate:.1f} images/s", flush=True)
+        rates: dict[str, float] = {}
+        variants = [("off", 1, "per_copy")]
+        if args.repeated_aug > 1:
+            variants = [
+                (f"{args.repeated_aug}, decoded per copy", args.repeated_aug, "per_copy"),
+                (f"{args.repeated_aug}, decoded once", args.repeated_aug, "once"),
+                *variants,
+            ]
+        for label, repeats, decode in variants:
+            dali = TrainLoader(
+                meta,
+                dataclasses.replace(cfg, repeated_aug=repeats, repeated_aug_decode=decode),
+                micro_batch=args.batch_size,
+                micro_batches_per_epoch=args.warmup + timed,
+                rank=0,
+                world_size=1,
+                seed=0,
+                device=device,
+            )
+            rates[label] = _time(dali.epoch(0), args.warmup, timed, device, f"dali-ra {label}")
+            print(
+                f"dali ({backend}, repeated aug {label}): {rates[label]:.1f} images/s", flush=True
+            )
+        dali_rate = rates[variants[0][0]]
         workers = min(args.threads, len(tars))  # a worker without a shard would idle
         reference = ReferenceLoader(
             tars, cfg, args.batch_size, num_workers=workers, seed=0, device=device
@@ -252,6 +280,8 @@ def run(args: argparse.Namespace) -> int:
             f"{waits[True]:.3f} s defined ahead during the previous epoch",
             flush=True,
         )
+    for label, _, _ in variants[:-1]:
+        print(f"ratio repeated aug {label}/off: {rates[label] / rates['off']:.2f}x")
     print(f"ratio epoch start wait ahead/at start: {waits[True] / waits[False]:.2f}x")
     print(f"ratio dali/reference: {dali_rate / ref_rate:.2f}x")
     return 0

@@ -192,6 +192,8 @@ def _data_config(subject, data_dir: Path):
 def _ood_images(subject, meta, data, wanted: int, batch_size: int, seed: int, device):
     """Lazily, about ``wanted`` training images as the teacher sees them while distilling: the
     train loader's strong augmentation, then the trainer's Mixup/CutMix."""
+    import dataclasses
+
     from deitlt_scale.analysis.teacher import mixed
     from deitlt_scale.config import MixupConfig
     from deitlt_scale.data.loader import TrainLoader
@@ -203,7 +205,8 @@ def _ood_images(subject, meta, data, wanted: int, batch_size: int, seed: int, de
     mixup = subject.config.data.mixup if subject.config is not None else MixupConfig()
 
     def generate():
-        loader = TrainLoader(meta, data, micro, batches, 0, 1, seed, device)
+        once = dataclasses.replace(data, repeated_aug=1, epoch_multiple=1)  # every image once
+        loader = TrainLoader(meta, once, micro, batches, 0, 1, seed, device)
         yield from mixed(loader.epoch(0), Mixer(mixup, meta.num_classes), seed)
 
     return generate()

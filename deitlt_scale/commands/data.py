@@ -1,4 +1,5 @@
-"""`deitlt data`: prepare long-tailed WebDataset shards (prepare) and inspect them (inspect)."""
+"""`deitlt data`: prepare long-tailed WebDataset shards (prepare), inspect them (inspect), and
+list the order the train loader reads them in (order)."""
 
 from __future__ import annotations
 
@@ -10,7 +11,7 @@ from pathlib import Path
 
 from deitlt_scale.data import source_table
 
-HELP = "prepare long-tailed WebDataset shards (prepare) and inspect them (inspect)"
+HELP = "prepare long-tailed WebDataset shards, inspect them, list the train order"
 PLOT_FILE = "class_counts.png"
 SOURCES = tuple(source_table.SOURCES)  # the source table imports only the standard library
 
@@ -125,6 +126,30 @@ def register(parser: argparse.ArgumentParser) -> None:
     )
     insp.add_argument("--no-plot", action="store_true", help="do not write the PNG")
     insp.set_defaults(_data=_run_inspect)
+
+    order = sub.add_parser(
+        "order",
+        help="write which sample each rank trains on at every position of the first epochs",
+        description="Run the recipe's train loader (no model) for each simulated rank and write "
+        "one CSV row per trained image: epoch, optimizer step, micro-batch, rank, position, "
+        "sample key. Prints per epoch the distinct images, copies per image, optimizer steps "
+        "and the Spearman correlation of sample positions with the previous epoch.",
+    )
+    order.add_argument("recipe", help="YAML recipe, e.g. recipes/tiny_digits.yaml")
+    order.add_argument(
+        "overrides", nargs="*", help="dotted overrides, e.g. data.shards=data/digits-lt"
+    )
+    order.add_argument(
+        "--world-size", type=int, default=1, metavar="W", help="ranks to simulate (default 1)"
+    )
+    order.add_argument("--epochs", type=int, default=2, metavar="E", help="epochs (default 2)")
+    order.add_argument("--out", required=True, type=Path, metavar="FILE.csv", help="CSV to write")
+    order.add_argument(
+        "--no-decode",
+        action="store_true",
+        help="read the loader's plan (what it feeds DALI) instead of decoding every image",
+    )
+    order.set_defaults(_data=_run_order)
 
 
 def run(args: argparse.Namespace) -> int:
@@ -325,4 +350,29 @@ def _run_inspect(args: argparse.Namespace) -> int:
         print(f"{len(problems)} problem(s) found in {args.directory}", file=sys.stderr)
         return 1
     print("all shards verified: checksums, sizes, indexes and class counts match meta.json")
+    return 0
+
+
+def _run_order(args: argparse.Namespace) -> int:
+    from deitlt_scale import config as config_mod
+    from deitlt_scale.data import meta as meta_mod
+    from deitlt_scale.data.order import write_order
+    from deitlt_scale.errors import UserError
+
+    if args.world_size < 1:
+        raise UserError(f"--world-size must be >= 1, got {args.world_size}")
+    if args.epochs < 1:
+        raise UserError(f"--epochs must be >= 1, got {args.epochs}")
+    cfg = config_mod.load(args.recipe, args.overrides)
+    meta = meta_mod.load(cfg.data.shards)
+    stats = write_order(
+        cfg, meta, args.world_size, args.epochs, args.out, decode=not args.no_decode
+    )
+    print(
+        f"{meta.dataset}: {meta.num_samples('train')} train images, world {args.world_size}, "
+        f"micro-batch {cfg.train.micro_batch} x accumulation {cfg.train.grad_accum}, repeated "
+        f"aug {cfg.data.repeated_aug}; wrote {args.out}"
+    )
+    for epoch in stats:
+        print(epoch.line())
     return 0

@@ -7,25 +7,33 @@ to convert ``if`` statements on data into conditional splits (``enable_condition
 
 Train graph (METHOD.md 4.2, timm ``transforms_imagenet_train``, in this order):
 
-1. read ``<key>.jpg`` + ``<key>.cls`` from WebDataset shards (``fn.readers.webdataset``), the rank's
-   part of the epoch's shard order, shuffled in a buffer;
-2. decode fused with RandomResizedCrop (``fn.decoders.image_random_crop``: area ``scale``, aspect
-   ``ratio``), then ``fn.resize`` to ``image_size`` x ``image_size`` with cubic interpolation;
-3. horizontal flip with p=``hflip`` (``fn.flip``), before RandAugment as in timm (ShearY is
+1. the encoded ``<key>.jpg`` bytes of the micro-batch's samples, fed by ``fn.external_source``
+   from a Python callback (``loader.TrainLoader``: the order is the reference sampler's,
+   :mod:`deitlt_scale.data.epoch_plan`); a batch may hold fewer samples than ``batch_size``;
+2. ``repeats == 1`` (no repeated augmentation, or ``data.repeated_aug_decode=per_copy``, where the
+   loader feeds each copy's bytes): decoding fused with the crop of step 3
+   (``fn.decoders.image_random_crop`` decodes only the crop window). ``repeats > 1``
+   (``repeated_aug_decode=once``): decode each sample once, then run steps 3-7 ``repeats`` times,
+   each with its own operators and so its own random draws, and stack the copies per sample as
+   ``(repeats, 3, S, S)``;
+3. RandomResizedCrop (area ``scale``, aspect ``ratio``, ten attempts) to ``image_size`` x
+   ``image_size`` with cubic interpolation;
+4. horizontal flip with p=``hflip`` (``fn.flip``), before RandAugment as in timm (ShearY is
    anchored at the left column, so flipping after it would not give the same distribution);
-4. RandAugment ``rand-m9-mstd0.5-inc1`` re-built from DALI's ``auto_aug`` parts
+5. RandAugment ``rand-m9-mstd0.5-inc1`` re-built from DALI's ``auto_aug`` parts
    (:func:`timm_rand_augment`; see docs/data_pipeline.md for the mapping and what differs);
-5. normalise (``fn.crop_mirror_normalize``, NCHW float32);
-6. random erasing, pixel mode, one box (:func:`random_erase`), on the normalised image.
+6. normalise (``fn.crop_mirror_normalize``, NCHW float32);
+7. random erasing, pixel mode, one box (:func:`random_erase`), on the normalised image.
 
-Labels are the ASCII decimal ``.cls`` bytes padded with zeros to :data:`LABEL_BYTES`; they are
-parsed to int64 on the torch side (``loader.parse_labels``).
+The train labels are read once by the loader (``sample_store``). The eval graph reads the shards
+with ``fn.readers.webdataset``; its labels are the ASCII decimal ``.cls`` bytes padded with zeros
+to :data:`LABEL_BYTES`, parsed to int64 on the torch side (``loader.parse_labels``).
 """
 
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -62,7 +70,7 @@ class TrainGraph:
     random_erasing: float
     mean: tuple[float, float, float]  # in [0, 1] units
     std: tuple[float, float, float]
-    shuffle_buffer: int
+    repeats: int = 1  # augmented copies of each decoded sample
 
 
 @dataclass(frozen=True)
@@ -299,13 +307,8 @@ def _read(
     indexes: Sequence[str],
     shard_id: int,
     num_shards: int,
-    shuffle: bool,
-    shuffle_buffer: int,
-    reader_seed: int,
 ):
-    kwargs = {}
-    if shuffle and shuffle_buffer > 1:  # a buffer of one sample cannot reorder anything
-        kwargs = {"random_shuffle": True, "initial_fill": shuffle_buffer, "seed": reader_seed}
+    """The rank's contiguous range of the samples, in stored order (eval)."""
     jpegs, cls = fn.readers.webdataset(
         paths=list(tars),
         index_paths=list(indexes),
@@ -316,7 +319,6 @@ def _read(
         # Plain reads: a shard truncated under a memory map would kill the process with SIGBUS.
         dont_use_mmap=True,
         name=READER_NAME,
-        **kwargs,
     )
     labels = fn.pad(cls, axes=(0,), shape=(LABEL_BYTES,), fill_value=0)
     return jpegs, labels
@@ -331,30 +333,34 @@ def _normalise_args(mean, std) -> dict:
     }
 
 
-@pipeline_def(enable_conditionals=True)
-def train_pipeline(
-    tars: Sequence[str],
-    indexes: Sequence[str],
-    shard_id: int,
-    num_shards: int,
-    reader_seed: int,
-    graph: TrainGraph,
-    device: str,
-):
-    """Outputs ``images`` (B, 3, S, S) float32 and ``labels`` (B, LABEL_BYTES) uint8."""
-    jpegs, labels = _read(
-        tars, indexes, shard_id, num_shards, True, graph.shuffle_buffer, reader_seed
-    )
+ENCODED_NAME = "encoded"  # the external source of the train graph
+
+
+def _decoder_device(device: str) -> str:
+    return "mixed" if device == "gpu" else "cpu"
+
+
+def _augment(images, graph: TrainGraph, decoded: bool, device: str):
+    """Steps 3-7 of the module docstring on uint8 HWC ``images`` (``decoded=False``: encoded
+    bytes, decoded fused with the crop). Each call creates its own operators, hence its own
+    random draws."""
     size = graph.image_size
-    images = fn.decoders.image_random_crop(
-        jpegs,
-        device="mixed" if device == "gpu" else "cpu",
-        output_type=types.RGB,
-        random_area=list(graph.scale),
-        random_aspect_ratio=list(graph.ratio),
-        num_attempts=10,
-    )
-    images = fn.resize(images, size=(size, size), interp_type=types.INTERP_CUBIC, antialias=True)
+    crop = {
+        "random_area": list(graph.scale),
+        "random_aspect_ratio": list(graph.ratio),
+        "num_attempts": 10,
+    }
+    if decoded:
+        images = fn.random_resized_crop(
+            images, size=(size, size), interp_type=types.INTERP_CUBIC, antialias=True, **crop
+        )
+    else:
+        images = fn.decoders.image_random_crop(
+            images, device=_decoder_device(device), output_type=types.RGB, **crop
+        )
+        images = fn.resize(
+            images, size=(size, size), interp_type=types.INTERP_CUBIC, antialias=True
+        )
     images = fn.flip(images, horizontal=fn.random.coin_flip(probability=graph.hflip), vertical=0)
     if graph.randaugment_ops > 0:
         fill = round(255.0 * sum(graph.mean) / 3.0)  # DALI warps fill one value for all channels
@@ -371,9 +377,21 @@ def train_pipeline(
         erase = fn.random.coin_flip(probability=graph.random_erasing, dtype=types.BOOL)
         if erase:
             images = random_erase(images, size)
-    if device == "gpu":
-        labels = labels.gpu()
-    return images, labels
+    return images
+
+
+@pipeline_def(enable_conditionals=True)
+def train_pipeline(source: Callable, graph: TrainGraph, device: str):
+    """Outputs ``images``: (E, 3, S, S) float32 for ``repeats == 1``, else (E, repeats, 3, S, S),
+    for the E encoded samples ``source(batch_info)`` returns (a list of 1-D uint8 arrays; it
+    raises StopIteration past the epoch's end)."""
+    jpegs = fn.external_source(
+        source=source, batch=True, batch_info=True, dtype=types.UINT8, ndim=1, name=ENCODED_NAME
+    )
+    if graph.repeats == 1:
+        return _augment(jpegs, graph, decoded=False, device=device)
+    images = fn.decoders.image(jpegs, device=_decoder_device(device), output_type=types.RGB)
+    return fn.stack(*[_augment(images, graph, True, device) for _ in range(graph.repeats)])
 
 
 @pipeline_def
@@ -387,10 +405,8 @@ def eval_pipeline(
 ):
     """Resize the shorter side, centre crop, normalise. Reads the rank's range in stored order;
     batch positions past its end hold whatever the reader reads next (the loader labels them -1)."""
-    jpegs, labels = _read(tars, indexes, shard_id, num_shards, False, 0, 0)
-    images = fn.decoders.image(
-        jpegs, device="mixed" if device == "gpu" else "cpu", output_type=types.RGB
-    )
+    jpegs, labels = _read(tars, indexes, shard_id, num_shards)
+    images = fn.decoders.image(jpegs, device=_decoder_device(device), output_type=types.RGB)
     images = fn.resize(
         images, resize_shorter=graph.resize_shorter, interp_type=types.INTERP_CUBIC, antialias=True
     )

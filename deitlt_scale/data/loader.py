@@ -1,22 +1,28 @@
 """Iterators over the DALI graphs of :mod:`deitlt_scale.data.dali`, yielding :class:`Batch`.
 
-Data order (train). Each epoch the shard list is permuted with a generator seeded by
-``(seed, epoch)`` (the same on every rank); DALI's reader splits the concatenated samples of that
-order into ``world_size`` contiguous, disjoint ranges (``shard_id=rank``) and shuffles within a
-buffer of ``data.shuffle_buffer`` samples seeded by ``(seed, epoch, rank)``. So the partition of
-samples over ranks changes every epoch, each epoch's order is a pure function of
-``(seed, epoch, rank)``, and a pipeline is rebuilt per epoch. Defining the graph takes a third of
-a second of Python (measured on CPU; the first definition of a process takes over a second), which
-on a small dataset (CIFAR-LT: a few dozen steps per epoch) would stall every epoch: so when an
-epoch starts, the next epoch's pipeline is defined in a background thread (DALI keeps the
-pipeline being defined per thread), and is ready when that epoch starts.
+Data order (train): the reference's sampler, exactly (:mod:`deitlt_scale.data.epoch_plan`). Each
+epoch draws a permutation of the whole training split from ``(seed, epoch)`` (the same on every
+rank), repeats each sample ``data.repeated_aug`` times, and trains on
+``floor(floor(N / data.epoch_multiple) * data.epoch_multiple / world)`` samples per rank, in
+micro-batches of ``micro_batch`` (the last one may be smaller). Every micro-batch holds, over all
+ranks, the samples the reference's micro-batch of that index holds; a rank reads each of its
+samples once (:mod:`deitlt_scale.data.sample_store`: from memory, or by ``pread`` from the tars)
+and feeds the encoded bytes to DALI through ``fn.external_source``. The copies of an image sit in
+a random order inside the micro-batch (mixup pairs image i with image B - 1 - i). With
+``data.repeated_aug_decode=per_copy`` each copy's bytes are fed in that order and decoded with
+its own crop; with ``once`` each image is decoded once and augmented ``repeated_aug`` times in
+separate branches, and the copies are put in order on the torch side. Either way every copy has
+its own augmentation draws, seeded by ``(seed, epoch, rank)``, and every :class:`Batch` carries
+the stored sample index of each image.
 
-An epoch yields exactly ``micro_batches_per_epoch`` full batches per rank; the trainer sets that to
-``floor(N / global_batch) * grad_accum``, so each rank leaves out the (shuffled) rest of its range:
-at most ``global_batch - 1`` images per epoch go unseen, a different random subset each epoch.
+A pipeline is built per epoch (its seed is the epoch's). Defining the graph takes a third of a
+second of Python (three times that with three branches; ``deitlt bench data``), which on a small
+dataset (CIFAR-LT: a few dozen micro-batches per epoch) would stall every epoch: so when an epoch
+starts, the next epoch's pipeline is defined in a background thread (DALI keeps the pipeline
+being defined per thread), and is ready when that epoch starts.
 
 Resuming (``start > 0``) rebuilds the same pipeline and runs and discards the first ``start``
-batches, so the order and the augmentation draws equal those of an uninterrupted epoch.
+micro-batches, so the samples and the augmentation draws equal those of an uninterrupted epoch.
 
 Eval reads each rank's range in stored order; every rank yields the same number of batches
 (``ceil(max range / micro_batch)``) so collective ops stay in lock-step, and positions past the
@@ -26,7 +32,6 @@ rank's range carry label -1.
 from __future__ import annotations
 
 import dataclasses
-import hashlib
 import math
 import re
 import tarfile
@@ -41,21 +46,22 @@ import torch
 
 from deitlt_scale.config import DataConfig
 from deitlt_scale.data.dali import LABEL_BYTES, EvalGraph, TrainGraph, shard_range
+from deitlt_scale.data.epoch_plan import EpochLayout, MicroBatch, epoch_plan
 from deitlt_scale.data.meta import DatasetMeta
+from deitlt_scale.data.sample_store import SampleStore, ShardError, open_store
+from deitlt_scale.data.seeds import derive_seed
 from deitlt_scale.data.shards import sha256_file
 from deitlt_scale.errors import UserError
 
 RANDAUGMENT_MSTD = 0.5  # timm "mstd0.5": Gaussian noise on the magnitude, per op
 
 
-class ShardError(UserError):
-    """A shard that is missing, truncated, inconsistent with its index, or lacks a label."""
-
-
 @dataclass
 class Batch:
     images: torch.Tensor  # (B, 3, H, W) float32, normalised, on the target device
     labels: torch.Tensor  # (B,) int64 model labels on the same device; -1 marks eval padding
+    # (B,) int64 on the CPU: the stored index of each image's sample (train batches only)
+    samples: torch.Tensor | None = None
 
 
 @dataclass(frozen=True)
@@ -238,23 +244,19 @@ def _device_id(backend: str, device: torch.device) -> int | None:
     return torch.cuda.current_device()
 
 
-def derive_seed(*parts: object) -> int:
-    """A 31-bit seed from any tuple of values (stable across processes and Python versions)."""
-    digest = hashlib.blake2b(repr(parts).encode(), digest_size=8).digest()
-    return int.from_bytes(digest, "little") % (2**31 - 1)
-
-
 # --------------------------------------------------------------------------------------------
 # Running a pipeline
 
 
-def _run(pipe, count: int, skip: int, shards: list[ShardFiles]) -> Iterator[tuple]:
-    """Yield ``count - skip`` (images, raw labels) torch pairs after discarding ``skip`` batches."""
+def _run(
+    pipe, count: int, skip: int, shards: list[ShardFiles], outputs: list[str]
+) -> Iterator[tuple]:
+    """Yield ``count - skip`` tuples of torch outputs after discarding ``skip`` batches."""
     from nvidia.dali.plugin.pytorch import DALIGenericIterator
 
     try:
         try:
-            stream = DALIGenericIterator([pipe], ["images", "labels"], size=-1, auto_reset=False)
+            stream = DALIGenericIterator([pipe], outputs, size=-1, auto_reset=False)
         except RuntimeError as err:
             raise _shard_error(err, shards) from None
         for step in range(count):
@@ -263,7 +265,7 @@ def _run(pipe, count: int, skip: int, shards: list[ShardFiles]) -> Iterator[tupl
             except (RuntimeError, StopIteration) as err:
                 raise _shard_error(err, shards) from None
             if step >= skip:
-                yield out["images"], out["labels"]
+                yield tuple(out[name] for name in outputs)
     finally:
         del pipe
 
@@ -278,38 +280,62 @@ def _to_device(tensor: torch.Tensor, device: torch.device) -> torch.Tensor:
 # Loaders
 
 
+class _Feed:
+    """The external source of one epoch's pipeline: micro-batch ``i``'s encoded samples, once
+    per image (``per_copy``: in the micro-batch's order) or once per entry (``once``)."""
+
+    def __init__(self, store: SampleStore, plan: list[MicroBatch], per_copy: bool) -> None:
+        self.store, self.plan, self.per_copy = store, plan, per_copy
+
+    def __call__(self, info) -> list[np.ndarray]:
+        if info.iteration >= len(self.plan):
+            raise StopIteration
+        micro = self.plan[info.iteration]
+        samples = micro.positions() if self.per_copy else micro.samples
+        return [self.store.encoded(int(i)) for i in samples]
+
+
 class TrainLoader:
-    """Strongly augmented train batches, deterministic in ``(seed, epoch, rank)``."""
+    """Strongly augmented train batches in the reference sampler's order; deterministic in
+    ``(seed, epoch, rank)`` for a given world size."""
 
     def __init__(
         self,
         meta: DatasetMeta,
         cfg: DataConfig,
         micro_batch: int,
-        micro_batches_per_epoch: int,
+        micro_batches_per_epoch: int | None,
         rank: int,
         world_size: int,
         seed: int,
         device: torch.device,
         define_ahead: bool = True,
     ) -> None:
-        """``define_ahead=False`` defines each epoch's pipeline when the epoch starts (for
-        measuring what defining it ahead saves: ``deitlt bench data``)."""
+        """``micro_batches_per_epoch``: ``Steps.micro_batches_per_epoch`` (None gives the same),
+        or fewer to yield only the first ones (benchmarks). ``define_ahead=False`` defines each
+        epoch's pipeline when the epoch starts (for measuring what defining it ahead saves:
+        ``deitlt bench data``)."""
         if not 0 <= rank < world_size:
             raise ValueError(f"rank {rank} outside world of {world_size}")
         self.shards = check_shards(meta, "train")
         self.num_samples = meta.num_samples("train")
-        smallest = min(
-            end - begin
-            for begin, end in (
-                shard_range(self.num_samples, r, world_size) for r in range(world_size)
-            )
+        self.layout = EpochLayout(
+            self.num_samples, world_size, micro_batch, cfg.repeated_aug, cfg.epoch_multiple
         )
-        if micro_batch * micro_batches_per_epoch > smallest:
+        if self.layout.per_rank < 1:
             raise UserError(
-                f"{micro_batches_per_epoch} micro-batches of {micro_batch} exceed the {smallest} "
-                f"training images a rank holds ({self.num_samples} over {world_size} ranks); "
-                "use a smaller batch"
+                f"{meta.root}: the train split has {self.num_samples} images, fewer than the "
+                f"{world_size} ranks"
+            )
+        available = self.layout.micro_batches
+        if micro_batches_per_epoch is None:
+            micro_batches_per_epoch = available
+        if micro_batches_per_epoch > available:
+            raise UserError(
+                f"{micro_batches_per_epoch} micro-batches of {micro_batch} exceed the "
+                f"{self.layout.per_rank} training images a rank trains on per epoch "
+                f"({self.num_samples} over {world_size} ranks, data.epoch_multiple="
+                f"{cfg.epoch_multiple}); use a smaller batch"
             )
         self.cfg = cfg
         self.micro_batch = micro_batch
@@ -321,10 +347,15 @@ class TrainLoader:
             # in a background thread.
             self.device = torch.device("cuda", torch.cuda.current_device())
         self.backend = resolve_backend(cfg.device)
+        self.store = open_store(self.shards, cfg.cache_mb * 2**20)
+        self.labels = torch.from_numpy(self.store.labels)
         self._definer = ThreadPoolExecutor(max_workers=1, thread_name_prefix="dali-next-epoch")
-        self._next: tuple[int, Future] | None = None  # (epoch, its pipeline being defined)
+        # (epoch, its pipeline and plan being defined)
+        self._next: tuple[int, Future] | None = None
         self.define_ahead = define_ahead
         a = cfg.augment
+        # DALI yields the micro-batch's images in order (no regrouping on the torch side)
+        self.per_copy = cfg.repeated_aug == 1 or cfg.repeated_aug_decode == "per_copy"
         self.graph = TrainGraph(
             image_size=cfg.image_size,
             scale=tuple(a.scale),
@@ -336,16 +367,23 @@ class TrainLoader:
             random_erasing=a.random_erasing,
             mean=tuple(cfg.mean),
             std=tuple(cfg.std),
-            shuffle_buffer=cfg.shuffle_buffer,
+            repeats=1 if self.per_copy else cfg.repeated_aug,
         )
 
     def __len__(self) -> int:
         return self.micro_batches_per_epoch
 
-    def shard_order(self, epoch: int) -> list[int]:
-        """Indices into the shard list, the order the reader concatenates them in ``epoch``."""
-        rng = np.random.default_rng(derive_seed("shard-order", self.seed, epoch))
-        return [int(i) for i in rng.permutation(len(self.shards))]
+    def key(self, sample: int) -> str:
+        """The WebDataset key of stored sample ``sample``."""
+        return self.store.keys[sample]
+
+    def plan(self, epoch: int) -> list[MicroBatch]:
+        """What this rank reads in each micro-batch of ``epoch`` (pure; nothing is decoded)."""
+        return epoch_plan(self.layout, self.seed, epoch, self.rank)[: self.micro_batches_per_epoch]
+
+    def epoch_samples(self, epoch: int) -> list[np.ndarray]:
+        """Per micro-batch, the stored sample index of each image ``epoch`` yields, in order."""
+        return [mb.positions() for mb in self.plan(epoch)]
 
     def epoch(self, epoch: int, start: int = 0) -> Iterator[Batch]:
         """Exactly ``micro_batches_per_epoch - start`` batches; see the module docstring."""
@@ -359,15 +397,14 @@ class TrainLoader:
         return self._batches(epoch, start)
 
     def build_pipeline(self, epoch: int):
+        return self._define(epoch)[0]
+
+    def _define(self, epoch: int) -> tuple[object, list[MicroBatch]]:
         from deitlt_scale.data.dali import train_pipeline
 
-        order = [self.shards[i] for i in self.shard_order(epoch)]
-        return train_pipeline(
-            tars=[str(s.tar) for s in order],
-            indexes=[str(s.index) for s in order],
-            shard_id=self.rank,
-            num_shards=self.world_size,
-            reader_seed=derive_seed("reader", self.seed, epoch, self.rank),
+        plan = self.plan(epoch)
+        pipe = train_pipeline(
+            source=_Feed(self.store, plan, self.per_copy),
             graph=self.graph,
             device=self.backend,
             batch_size=self.micro_batch,
@@ -376,25 +413,38 @@ class TrainLoader:
             seed=derive_seed("augment", self.seed, epoch, self.rank),
             prefetch_queue_depth=self.cfg.prefetch,
         )
+        return pipe, plan
 
-    def _pipeline(self, epoch: int):
-        """The epoch's pipeline, defined ahead in the background if the previous epoch ran;
-        starts defining the next one."""
+    def _pipeline(self, epoch: int) -> tuple[object, list[MicroBatch]]:
+        """The epoch's pipeline and plan, defined ahead in the background if the previous epoch
+        ran; starts defining the next one."""
         ahead, self._next = self._next, None
-        pipe = ahead[1].result() if ahead is not None and ahead[0] == epoch else None
-        if pipe is None:
-            pipe = self.build_pipeline(epoch)
+        defined = ahead[1].result() if ahead is not None and ahead[0] == epoch else None
+        if defined is None:
+            defined = self._define(epoch)
         if self.define_ahead:
-            self._next = (epoch + 1, self._definer.submit(self.build_pipeline, epoch + 1))
-        return pipe
+            self._next = (epoch + 1, self._definer.submit(self._define, epoch + 1))
+        return defined
 
     def _batches(self, epoch: int, start: int) -> Iterator[Batch]:
         if start == self.micro_batches_per_epoch:
             return
-        pipe = self._pipeline(epoch)
-        for images, raw in _run(pipe, self.micro_batches_per_epoch, start, self.shards):
-            labels = parse_labels(_to_device(raw, self.device))
-            yield Batch(_to_device(images, self.device), labels)
+        self.store.reopen()  # read the tars on disk now (checked above), not older handles
+        pipe, plan = self._pipeline(epoch)
+        run = _run(pipe, self.micro_batches_per_epoch, start, self.shards, ["images"])
+        for step, (images,) in enumerate(run, start=start):
+            yield self._assemble(images, plan[step])
+
+    def _assemble(self, images: torch.Tensor, micro: MicroBatch) -> Batch:
+        """DALI's output -> the micro-batch's images in its order: as they come (``per_copy``), or
+        (E, repeats, 3, S, S) augmented entries unfolded and put in order (``once``)."""
+        samples = torch.from_numpy(micro.positions())
+        images = _to_device(images, self.device)
+        if not self.per_copy:
+            order = _to_device(torch.from_numpy(micro.order), self.device)
+            images = images.reshape(-1, *images.shape[-3:]).index_select(0, order)
+        labels = _to_device(self.labels[samples], self.device)
+        return Batch(images, labels, samples)
 
 
 class EvalLoader:
@@ -457,7 +507,8 @@ class EvalLoader:
         )
         valid = self.end - self.begin
         position = torch.arange(self.micro_batch, device=self.device)
-        for step, (images, raw) in enumerate(_run(pipe, self.num_batches, 0, self.shards)):
+        run = _run(pipe, self.num_batches, 0, self.shards, ["images", "labels"])
+        for step, (images, raw) in enumerate(run):
             labels = parse_labels(_to_device(raw, self.device))
             labels = torch.where(position + step * self.micro_batch < valid, labels, -1)
             yield Batch(_to_device(images, self.device), labels)

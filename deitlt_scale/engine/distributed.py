@@ -125,8 +125,11 @@ def deepspeed_config(cfg: Config, world_size: int) -> dict[str, Any]:
     if ds.offload_optimizer and ds.zero_stage >= 2:
         zero["offload_optimizer"] = {"device": "cpu"}
     elif ds.zero_stage in (1, 2):
-        # The grad-norm pass syncs with the host every step; only clipping needs it.
-        zero["compute_grad_norm"] = ds.gradient_clipping > 0
+        # The grad-norm pass syncs with the host every step; only clipping needs it. DeepSpeed's
+        # BF16_Optimizer (ZeRO 1, bf16 weights, fp32 accumulation) refuses to run without it.
+        fp32_accum_zero1 = ds.bf16 and ds.grad_accum_dtype == "fp32" and ds.zero_stage == 1
+        zero["compute_grad_norm"] = ds.gradient_clipping > 0 or fp32_accum_zero1
+    data_types = {"data_types": {"grad_accum_dtype": ds.grad_accum_dtype}} if ds.bf16 else {}
     return {
         "train_micro_batch_size_per_gpu": t.micro_batch,
         "gradient_accumulation_steps": t.grad_accum,
@@ -141,6 +144,7 @@ def deepspeed_config(cfg: Config, world_size: int) -> dict[str, Any]:
         "zero_allow_untested_optimizer": True,
         "steps_per_print": 1 << 30,
         "wall_clock_breakdown": False,
+        **data_types,  # under bf16: the dtype gradients are accumulated and reduced in
     }
 
 

@@ -125,7 +125,9 @@ class Trainer:
         s = self.steps
         while self.state.step < s.total:
             epoch, first = divmod(self.state.step, s.steps_per_epoch)
-            batches = iter(self.train_loader.epoch(epoch, start=first * self.cfg.train.grad_accum))
+            batches = iter(
+                self.train_loader.epoch(epoch, start=s.first_micro_batch(self.state.step))
+            )
             for _ in range(first, min(s.steps_per_epoch, s.total - epoch * s.steps_per_epoch)):
                 if self.train_step(batches):
                     self._save(epoch)
@@ -142,26 +144,32 @@ class Trainer:
             self._check_flags(final=True)
 
     def train_step(self, batches: Iterator[Any]) -> bool:
-        """One optimizer step over ``grad_accum`` micro-batches; True when a stop was requested."""
+        """One optimizer step over its micro-batches (``grad_accum``, fewer in an epoch's last
+        step: :meth:`Steps.micro_batches_in_step`); True when a stop was requested."""
         if self.window is None:
             self.window = StepWindow(self.world.device)
         step, window = self.state.step, self.window
         self._set_lr(step)
         self._step_skipped = False
-        for micro in range(self.cfg.train.grad_accum):
+        count = self.steps.micro_batches_in_step(step)
+        for micro in range(count):
             t0 = time.perf_counter()
             batch = next(batches)
             window.data_time += time.perf_counter() - t0
-            window.add(self.train_micro_step(batch, step, micro))
+            window.add(self.train_micro_step(batch, step, micro, count))
+            window.images += int(batch.labels.shape[0])
         self.state.step = step + 1
         window.steps += 1
         stop = self._check_flags()
         if self.state.step % self.cfg.train.log_every == 0:
-            self._log(window.flush(self.state.step, self._images_per_step()))
+            self._log(window.flush(self.state.step, self.world.world_size))
         return stop
 
-    def train_micro_step(self, batch: Any, step: int, micro: int) -> dict[str, torch.Tensor]:
-        """Forward, loss and backward of one micro-batch; the engine steps at the boundary."""
+    def train_micro_step(
+        self, batch: Any, step: int, micro: int, count: int | None = None
+    ) -> dict[str, torch.Tensor]:
+        """Forward, loss and backward of micro-batch ``micro`` of the ``count`` that optimizer
+        step ``step`` accumulates (default ``grad_accum``); the engine steps after the last."""
         cfg, task = self.cfg, self.task
         seed = _mix_seed(cfg.train.seed, self.world.rank, step, micro)
         torch.manual_seed(seed)  # drop path and any other torch randomness
@@ -178,10 +186,19 @@ class Trainer:
             loss = sum(p.sum() for p in self.engine.module.parameters() if p.requires_grad) * 0.0
             parts = {"loss": loss.detach(), "skipped": torch.ones((), device=loss.device)}
             self._step_skipped = True
+        accum = cfg.train.grad_accum
+        count = accum if count is None else count
+        # The boundary is set explicitly: DeepSpeed's own micro-step counter assumes groups of
+        # grad_accum, and an epoch's last group may be shorter.
+        self.engine.set_gradient_accumulation_boundary(micro == count - 1)
+        if count != accum:
+            # DeepSpeed divides by grad_accum; a short group's gradient is the mean over the
+            # micro-batches it really has.
+            loss = loss * (accum / count)
         self.engine.backward(loss)
         if cfg.optim.sam_rho > 0:
             self._sam_second_pass(mb, step, drw)
-        if self._step_skipped and micro == cfg.train.grad_accum - 1:
+        if self._step_skipped and micro == count - 1:
             # lr 0 leaves the weights as they are (weight decay is scaled by lr too).
             for group in self.engine.optimizer.param_groups:
                 group["lr"] = 0.0
@@ -354,10 +371,6 @@ class Trainer:
         if self.world.is_main:
             self.tracker.log_metrics(metrics, self.state.step)
 
-    def _images_per_step(self) -> int:
-        t = self.cfg.train
-        return t.micro_batch * t.grad_accum * self.world.world_size
-
     def _install_signal_handlers(self) -> None:
         def handler(signum, _frame):
             self._stop_signal = signum
@@ -374,6 +387,7 @@ class StepWindow:
         self.sums: dict[str, torch.Tensor] = {}
         self.count = 0  # micro-batches since the last flush
         self.steps = 0  # optimizer steps since the last flush
+        self.images = 0  # images this rank trained on since the last flush
         self.data_time = 0.0
         self.started = time.perf_counter()
         self.nonfinite = torch.zeros((), device=device)
@@ -385,12 +399,13 @@ class StepWindow:
         self.nonfinite += (~torch.isfinite(parts["loss"])).float()
         self.count += 1
 
-    def flush(self, step: int, images_per_step: int) -> dict[str, float]:
+    def flush(self, step: int, world_size: int) -> dict[str, float]:
         elapsed = time.perf_counter() - self.started
         values = {f"train/{k}": float(v) / max(self.count, 1) for k, v in self.sums.items()}
-        values["train/images_per_s"] = images_per_step * self.steps / max(elapsed, 1e-9)
+        # Every rank trains on the same number of images per step.
+        values["train/images_per_s"] = self.images * world_size / max(elapsed, 1e-9)
         values["train/data_wait_fraction"] = self.data_time / max(elapsed, 1e-9)
-        self.sums, self.count, self.steps, self.data_time = {}, 0, 0, 0.0
+        self.sums, self.count, self.steps, self.images, self.data_time = {}, 0, 0, 0, 0.0
         self.started = time.perf_counter()
         return values
 

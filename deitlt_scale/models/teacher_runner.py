@@ -1,7 +1,10 @@
 """The frozen teacher fed as training feeds it, and overlapped with the student on CUDA.
 
 The teacher sees the student's mixed, normalised batch resized to its own input size
-(:func:`~deitlt_scale.models.teachers.resize_for_teacher`), cast to its dtype and memory format.
+(:func:`~deitlt_scale.models.teachers.resize_for_teacher`), re-normalised from the student's
+mean/std to the teacher's when they differ (as timm's distillation task does:
+``x_t = (x * std_s + mean_s - mean_t) / std_t``, one affine per channel; it commutes with the
+resize, so it runs on the smaller tensor), cast to its dtype and memory format.
 Its targets depend on that batch only, never on the student, so on CUDA its forward can run on a
 side stream while the student's forward runs on the main one: :meth:`TeacherRunner.launch`
 queues it and returns at once, and :meth:`PendingLogits.wait` makes the main stream wait for it
@@ -11,11 +14,13 @@ the forward runs in place and ``wait`` returns its result; the logits are the sa
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
 from torch import Tensor, nn
 
+from deitlt_scale.config import IMAGENET_MEAN, IMAGENET_STD
 from deitlt_scale.models.teachers import resize_for_teacher
 
 
@@ -38,11 +43,33 @@ class PendingLogits:
         return self.logits
 
 
+def renormalisation(
+    student_mean: Sequence[float],
+    student_std: Sequence[float],
+    teacher_mean: Sequence[float],
+    teacher_std: Sequence[float],
+    device: torch.device,
+) -> tuple[Tensor, Tensor] | None:
+    """Per-channel ``(scale, shift)``, each (1, 3, 1, 1) fp32, taking images normalised with the
+    student's statistics to the teacher's: ``x * std_s / std_t + (mean_s - mean_t) / std_t``;
+    None when the statistics are the same."""
+    if tuple(student_mean) == tuple(teacher_mean) and tuple(student_std) == tuple(teacher_std):
+        return None
+    mean_s, std_s, mean_t, std_t = (
+        torch.tensor(v, dtype=torch.float64).view(1, -1, 1, 1)
+        for v in (student_mean, student_std, teacher_mean, teacher_std)
+    )
+    scale, shift = std_s / std_t, (mean_s - mean_t) / std_t
+    return scale.float().to(device), shift.float().to(device)
+
+
 class TeacherRunner:
     """Runs a frozen teacher (see :func:`~deitlt_scale.models.teachers.freeze`) on student batches.
 
     ``dtype`` and ``channels_last`` must match how the teacher was frozen; ``side_stream`` takes
-    effect only when the teacher lives on a CUDA device.
+    effect only when the teacher lives on a CUDA device. ``student_mean``/``student_std`` are the
+    student data's normalisation (``data.mean``/``data.std``), ``teacher_mean``/``teacher_std``
+    the teacher file's (``TeacherInfo``), all in [0, 1] units; equal ones leave the batch as is.
     """
 
     def __init__(
@@ -52,17 +79,26 @@ class TeacherRunner:
         dtype: torch.dtype = torch.float32,
         channels_last: bool = False,
         side_stream: bool = False,
+        *,
+        student_mean: Sequence[float] = IMAGENET_MEAN,
+        student_std: Sequence[float] = IMAGENET_STD,
+        teacher_mean: Sequence[float] = IMAGENET_MEAN,
+        teacher_std: Sequence[float] = IMAGENET_STD,
     ) -> None:
         self.teacher, self.input_size = teacher, input_size
         self.dtype = dtype
         self.memory_format = torch.channels_last if channels_last else torch.contiguous_format
         device = next(teacher.parameters()).device
         self.stream = torch.cuda.Stream(device) if side_stream and device.type == "cuda" else None
+        self.affine = renormalisation(student_mean, student_std, teacher_mean, teacher_std, device)
 
     @torch.no_grad()
     def __call__(self, images: Tensor) -> Tensor:
         """fp32 logits of ``images`` (the student's batch at any size), on the current stream."""
         x = resize_for_teacher(images, self.input_size)
+        if self.affine is not None:
+            scale, shift = self.affine
+            x = torch.addcmul(shift, x, scale)  # x * scale + shift, one pass
         return self.teacher(x.to(dtype=self.dtype, memory_format=self.memory_format)).float()
 
     def launch(self, images: Tensor) -> PendingLogits:

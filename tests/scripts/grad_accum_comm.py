@@ -135,12 +135,13 @@ def run_stage(world, counter: CollectiveCounter, stage: int, args: argparse.Name
     micro_counts: list[dict] = []
     real_micro_step = trainer.train_micro_step
 
-    def watched_micro_step(batch, step, micro):
+    def watched_micro_step(batch, step, micro, count=None):
         before = counter.snapshot()
-        boundary_before = trainer.engine.is_gradient_accumulation_boundary()
-        out = real_micro_step(batch, step, micro)
+        out = real_micro_step(batch, step, micro, count)
+        # The trainer sets the boundary flag of this micro-batch before its backward.
+        boundary = trainer.engine.is_gradient_accumulation_boundary()
         micro_counts.append(
-            {"micro": micro, "boundary": boundary_before, **diff(counter.snapshot(), before)}
+            {"micro": micro, "boundary": boundary, **diff(counter.snapshot(), before)}
         )
         return out
 
