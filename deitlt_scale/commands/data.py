@@ -76,6 +76,19 @@ def register(parser: argparse.ArgumentParser) -> None:
         "--name", metavar="NAME", help="folder/list: dataset name in meta.json (default: root name)"
     )
     prep.add_argument(
+        "--val-per-class",
+        metavar="K",
+        type=int,
+        help="cifar/digits: hold out K images per class as a val split for model selection, from "
+        "the training images the long tail leaves unused (never the test split)",
+    )
+    prep.add_argument(
+        "--val-list",
+        type=Path,
+        metavar="FILE",
+        help="list sources: val list, e.g. the official ImageNet_LT_val.txt / Places_LT_val.txt",
+    )
+    prep.add_argument(
         "--shard-size",
         metavar="SIZE",
         default="256MB",
@@ -146,6 +159,8 @@ def _run_prepare(args: argparse.Namespace) -> int:
         profile=args.profile,
         num_classes=args.num_classes,
         name=args.name,
+        val_per_class=args.val_per_class,
+        val_list=args.val_list,
         shard_size=args.shard_size,
         workers=args.workers,
         seed=args.seed,
@@ -164,6 +179,11 @@ def _run_prepare(args: argparse.Namespace) -> int:
     print(
         f"  eval:  {meta.num_samples('eval')} images, {len(meta.splits['eval']['shards'])} shard(s)"
     )
+    if "val" in meta.splits:
+        print(
+            f"  val:   {meta.num_samples('val')} images, "
+            f"{len(meta.splits['val']['shards'])} shard(s) (held out for model selection)"
+        )
     print(f"  skipped: {len(meta.skipped)}" + (" (listed in meta.json)" if meta.skipped else ""))
     return 0
 
