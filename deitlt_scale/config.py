@@ -112,6 +112,11 @@ class DistillConfig:
     teacher_loss: Literal["ce", "ldam"] = "ldam"  # teacher training only
     ldam_max_margin: float = 0.5
     ldam_scale: float = 30.0
+    # The CLS head's loss against the ground truth (DIST is unchanged): ce (the paper);
+    # balanced_softmax: CE on z + log prior (Ren et al. 2020); logit_adjusted: CE on
+    # z + cls_tau * log prior (Menon et al. 2021; cls_tau = 1 is balanced_softmax).
+    cls_loss: Literal["ce", "balanced_softmax", "logit_adjusted"] = "ce"
+    cls_tau: float = 1.0
 
 
 @dataclass
