@@ -155,6 +155,10 @@ class TrainConfig:
     log_every: int = 10  # optimizer steps between metric logs (the only host syncs)
     max_steps: int | None = None  # stop early (benchmarks, smoke tests)
     on_nonfinite: Literal["stop", "skip"] = "stop"
+    # Start from a trained run's student weights, e.g. a higher-resolution final stage:
+    # "RUN_DIR" (its best checkpoint) or "RUN_DIR:TAG" (latest, step_XXXXXXXX); "" starts from
+    # scratch. Position embeddings are resampled to data.image_size (engine/warm_start.py).
+    init_from: str = ""
 
 
 @dataclass
