@@ -281,7 +281,7 @@ def verify(meta) -> tuple[list[str], list[str]]:
     from deitlt_scale.data.shards import ShardInfo, verify_shard
 
     rows, problems = [], []
-    for split in ("train", "eval"):
+    for split in [s for s in ("train", "eval", "val") if s in meta.splits]:
         tally = np.zeros(meta.num_classes, dtype=np.int64)
         samples = 0
         for shard in meta.splits[split]["shards"]:
@@ -299,7 +299,9 @@ def verify(meta) -> tuple[list[str], list[str]]:
                 continue
             tally += np.bincount(labels, minlength=meta.num_classes)
             samples += check.num_samples
-        expected = meta.train_counts if split == "train" else meta.eval_counts
+        expected = {"train": meta.train_counts, "eval": meta.eval_counts}.get(
+            split, meta.val_counts or []
+        )
         if samples != meta.num_samples(split):
             problems.append(f"{split}: shards hold {samples} samples, meta.json says "
                             f"{meta.num_samples(split)}")  # fmt: skip
@@ -317,7 +319,7 @@ def _run_inspect(args: argparse.Namespace) -> int:
 
     meta = meta_io.load(args.directory)
     print(f"{meta.dataset} in {args.directory}: {meta.num_classes} classes")
-    for split in ("train", "eval"):
+    for split in [s for s in ("train", "eval", "val") if s in meta.splits]:
         shards = meta.splits[split]["shards"]
         size = sum(s["bytes"] for s in shards) / 1e6
         print(

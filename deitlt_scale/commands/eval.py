@@ -94,7 +94,9 @@ def _evaluate_one(args, run_dir: Path, cfg, ref, world, out: Path) -> dict[str, 
     result = evaluate_checkpoint(cfg, ref, world, out, recorder)
     metrics = dict(result.metrics)
     if world.is_main:
-        print(f"checkpoint {ref.path} (step {ref.step}); {_selection_note(cfg, args.tag)}")
+        from deitlt_scale.engine.selection import selection_note
+
+        print(f"checkpoint {ref.path} (step {ref.step}); {selection_note(run_dir, args.tag)}")
         print(format_table(result))
         print(f"per-class accuracy: {out / 'per_class_latest.csv'}")
     if recorder is not None:
@@ -108,18 +110,6 @@ def _evaluate_one(args, run_dir: Path, cfg, ref, world, out: Path) -> dict[str, 
             _log_mlflow(cfg, run_dir, report)
             metrics.update(report.metrics)
     return metrics
-
-
-def _selection_note(cfg, tag: str) -> str:
-    """How the ``best`` checkpoint was chosen: on the val split where the dataset has one."""
-    from deitlt_scale.data import meta as meta_mod
-
-    if tag != "best":
-        return f"checkpoint {tag}"
-    meta = meta_mod.load(cfg.data.shards)
-    if "val" in meta.splits:
-        return "best checkpoint as recorded by training (the dataset has a val split)"
-    return "best checkpoint chosen on the test split, as the reference does (no val split)"
 
 
 def _log_mlflow(cfg, run_dir: Path, report) -> None:
