@@ -3,7 +3,12 @@ calibration (ECE, NLL, reliability bins), the choice of tau/w and the aggregate 
 
 from __future__ import annotations
 
+import csv
+import json
 import math
+import os
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -186,3 +191,67 @@ def test_aggregate_gives_mean_and_sample_standard_deviation():
     assert agg["cls/overall"].std == pytest.approx(math.sqrt(0.02))  # n - 1 = 1
     assert agg["la/cls/tau"].n == 1 and math.isnan(agg["la/cls/tau"].std)
     assert "30.0 ± 14.1" in format_aggregate(agg)
+
+
+# --------------------------------------------------------------------------------------------
+# The command, on a trained tiny run whose dataset holds a val split
+
+
+@pytest.fixture(scope="module")
+def trained_run(tmp_path_factory, random_teacher):
+    from deitlt_scale.data.prepare import prepare_dataset
+    from tests.test_trainer import launch, tiny_overrides
+
+    tmp = tmp_path_factory.mktemp("posthoc-run")
+    data = tmp / "digits-val"
+    prepare_dataset("digits-lt", data, val_per_class=4, progress=False)
+    run_dir = tmp / "run"
+    out = launch(tiny_overrides(data, random_teacher, run_dir, **{"train.epochs": 1,
+                                                                  "distill.drw_epoch": "null"}))  # fmt: skip
+    assert out.returncode == 0, out.stderr[-2000:]
+    return run_dir
+
+
+def deitlt_eval(*args) -> subprocess.CompletedProcess:
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    cmd = [sys.executable, "-m", "deitlt_scale.cli", "eval", *map(str, args)]
+    return subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=600)
+
+
+@pytest.mark.slow
+def test_eval_flags_write_the_posthoc_outputs_with_choices_on_val(trained_run):
+    out = deitlt_eval(trained_run, "--tag", "latest", "--logit-adjust", "--calibration",
+                      "--fusion-weight")  # fmt: skip
+    assert out.returncode == 0, out.stderr[-2000:]
+    posthoc_dir = trained_run / "eval" / "posthoc"
+    payload = json.loads((posthoc_dir / "posthoc.json").read_text())
+    assert payload["choices"]["selected_on"] == "val"
+    assert set(payload["choices"]["logit_adjust"]["tau"]) == {"cls", "dist", "mean"}
+    for head in ("cls", "dist", "mean"):
+        assert (posthoc_dir / f"reliability_{head}.png").stat().st_size > 0
+        assert 0 <= payload["metrics"][f"calib/{head}/ece"] <= 1
+    assert 0 <= payload["metrics"]["fusion/weight"] <= 1
+    # The paper's mean head is the fusion sweep's w = 0.5 row, and tau = 0 leaves logits alone.
+    standard = json.loads((trained_run / "eval" / "latest.json").read_text())["metrics"]
+    rows = list(csv.DictReader((posthoc_dir / "fusion.csv").read_text().splitlines()))
+    half = next(r for r in rows if r["split"] == "test" and float(r["weight"]) == 0.5)
+    assert float(half["overall"]) == pytest.approx(standard["mean/overall"], abs=1e-6)
+    assert payload["metrics"]["la/cls/tau0/overall"] == pytest.approx(standard["cls/overall"])
+    assert "chosen on val" in out.stdout
+
+
+@pytest.mark.slow
+def test_eval_aggregate_reports_mean_and_standard_deviation_over_runs(trained_run, tmp_path):
+    out = deitlt_eval(trained_run, trained_run, "--tag", "latest", "--aggregate", "--out", tmp_path)
+    assert out.returncode == 0, out.stderr[-2000:]
+    agg = json.loads((tmp_path / "aggregate.json").read_text())["metrics"]
+    assert agg["mean/overall"]["n"] == 2 and agg["mean/overall"]["std"] == 0.0
+    assert "mean ± sample standard deviation over 2 runs" in out.stdout
+
+
+def test_several_runs_without_aggregate_are_refused(tmp_path, capsys):
+    from deitlt_scale.cli import main
+
+    (tmp_path / "a").mkdir()
+    code = main(["eval", str(tmp_path / "a"), str(tmp_path / "a")])
+    assert code == 2 and "pass --aggregate" in capsys.readouterr().err
