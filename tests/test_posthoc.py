@@ -193,6 +193,13 @@ def test_aggregate_gives_mean_and_sample_standard_deviation():
     assert "30.0 ± 14.1" in format_aggregate(agg)
 
 
+def test_aggregate_table_lists_posthoc_figures_apart_from_the_heads():
+    agg = aggregate([{"cls/overall": 0.2, "fusion/overall": 0.3}])
+    rows = format_aggregate(agg).splitlines()
+    assert not any(r.startswith("fusion ") for r in rows)  # not a head row
+    assert any(r.startswith("fusion/overall") and "30.0" in r for r in rows)
+
+
 # --------------------------------------------------------------------------------------------
 # The command, on a trained tiny run whose dataset holds a val split
 

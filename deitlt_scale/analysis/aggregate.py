@@ -17,6 +17,8 @@ from pathlib import Path
 
 from deitlt_scale.data.longtail import GROUP_NAMES
 
+POSTHOC = ("la", "fusion", "calib")  # key prefixes of the post-hoc figures
+
 
 @dataclass(frozen=True)
 class Aggregate:
@@ -43,12 +45,18 @@ def format_aggregate(agg: Mapping[str, Aggregate], convention: str = "paper") ->
     """Overall/Head/Mid/Tail per head (``{head}/overall`` and ``{head}/{convention}/{group}``
     keys), then every post-hoc figure (``la/``, ``fusion/``, ``calib/``), in percent except
     tau, w and NLL; ``mean ± std (n)``."""
-    heads = sorted({k.split("/")[0] for k in agg if k.endswith("/overall") and k.count("/") == 1})
+    heads = sorted(
+        {
+            k.split("/")[0]
+            for k in agg
+            if k.endswith("/overall") and k.count("/") == 1 and k.split("/")[0] not in POSTHOC
+        }
+    )
     lines = [f"{'head':<8}" + "".join(f"{c:>16}" for c in ("overall", *GROUP_NAMES))]
     for head in heads:
         keys = [f"{head}/overall"] + [f"{head}/{convention}/{g}" for g in GROUP_NAMES]
         lines.append(f"{head:<8}" + "".join(f"{_cell(agg.get(k), True):>16}" for k in keys))
-    extra = [k for k in agg if k.split("/")[0] in ("la", "fusion", "calib")]
+    extra = [k for k in agg if k.split("/")[0] in POSTHOC]
     for key in extra:
         percent = not (key.endswith(("/tau", "/weight", "/nll")))
         lines.append(f"{key:<28}{_cell(agg[key], percent):>16}")
