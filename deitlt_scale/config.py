@@ -138,6 +138,11 @@ class DistillConfig:
     teacher_loss: Literal["ce", "ldam"] = "ldam"  # teacher training only
     ldam_max_margin: float = 0.5
     ldam_scale: float = 30.0
+    # The CLS head's loss against the ground truth (DIST is unchanged): ce (the paper);
+    # balanced_softmax: CE on z + log prior (Ren et al. 2020); logit_adjusted: CE on
+    # z + cls_tau * log prior (Menon et al. 2021; cls_tau = 1 is balanced_softmax).
+    cls_loss: Literal["ce", "balanced_softmax", "logit_adjusted"] = "ce"
+    cls_tau: float = 1.0
 
 
 @dataclass
@@ -227,6 +232,10 @@ class TrainConfig:
     log_every: int = 10  # optimizer steps between metric logs (the only host syncs)
     max_steps: int | None = None  # stop early (benchmarks, smoke tests)
     on_nonfinite: Literal["stop", "skip"] = "stop"
+    # Start from a trained run's student weights, e.g. a higher-resolution final stage:
+    # "RUN_DIR" (its best checkpoint) or "RUN_DIR:TAG" (latest, step_XXXXXXXX); "" starts from
+    # scratch. Position embeddings are resampled to data.image_size (engine/warm_start.py).
+    init_from: str = ""
 
 
 @dataclass

@@ -71,6 +71,9 @@ class DeiTLTObjective:
         self.num_classes = len(train_counts)
         w = torch.as_tensor(drw_weights(train_counts, cfg.beta), dtype=torch.float32)
         self._weights = _DeviceTensor(w)
+        self._cls_shift: _DeviceTensor | None = None
+        if cfg.cls_loss != "ce":
+            self._cls_shift = _DeviceTensor(cls_logit_shift(cfg, train_counts))
         self._class_map: _DeviceTensor | None = None
         self._inverse_map: _DeviceTensor | None = None
         if class_map is not None:
@@ -89,6 +92,14 @@ class DeiTLTObjective:
         if self._class_map is not None:
             labels = self._class_map.on(labels.device)[labels]
         return labels
+
+    def _cls_logits(self, logits: Tensor) -> Tensor:
+        """The CLS logits the CLS loss sees: shifted by ``tau * log prior`` for the long-tail
+        losses of ``distill.cls_loss`` (the model predicts with the unshifted logits)."""
+        logits = logits.float()
+        if self._cls_shift is None:
+            return logits
+        return logits + self._cls_shift.on(logits.device)
 
     def _cls_term(self, logits: Tensor, targets: Tensor | None, labels: Tensor) -> Tensor:
         if targets is None:
@@ -129,7 +140,7 @@ class DeiTLTObjective:
                 f"{self.num_classes}; the teacher file does not belong to this dataset"
             )
         dist_logits = out.dist_logits.float()
-        l_cls = self._cls_term(out.cls_logits.float(), targets, labels)
+        l_cls = self._cls_term(self._cls_logits(out.cls_logits), targets, labels)
         t_labels = self.teacher_labels(teacher_logits)
         if self.type == "hard":
             weight = self._weights.on(dist_logits.device) if drw else None
@@ -183,13 +194,27 @@ class DeiTLTObjective:
             # Class weights with probability targets: PyTorch averages over the batch.
             return F.cross_entropy(logits, targets.float(), weight=weight)
 
-        l_cls = term(out.cls_logits)
+        l_cls = term(self._cls_logits(out.cls_logits))
         if out.dist_logits is None:
             zero = l_cls.detach() * 0
             return {"loss": l_cls, "cls": l_cls.detach(), "dist": zero}
         cls_part = (1.0 - self.alpha) * l_cls
         dist_part = self.alpha * term(out.dist_logits)
         return {"loss": cls_part + dist_part, "cls": cls_part.detach(), "dist": dist_part.detach()}
+
+
+def cls_logit_shift(cfg: DistillConfig, train_counts: Sequence[int]) -> Tensor:
+    """``tau * log(n_c / N)`` per class (float32) for ``distill.cls_loss``: tau = 1 for
+    ``balanced_softmax`` (Ren et al., NeurIPS 2020), ``cls_tau`` for ``logit_adjusted`` (Menon
+    et al., ICLR 2021); zeros for ``ce``. Adding it to the logits before the cross-entropy
+    makes the loss prefer a classifier that is right on the *balanced* distribution."""
+    counts = torch.as_tensor(list(train_counts), dtype=torch.float64)
+    if (counts <= 0).any():
+        raise ValueError("every class needs a training image for the log prior of cls_loss")
+    if cfg.cls_tau < 0:
+        raise ValueError(f"distill.cls_tau must be >= 0, got {cfg.cls_tau}")
+    tau = {"ce": 0.0, "balanced_softmax": 1.0, "logit_adjusted": float(cfg.cls_tau)}[cfg.cls_loss]
+    return (tau * torch.log(counts / counts.sum())).float()
 
 
 class LDAMObjective:

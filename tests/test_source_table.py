@@ -21,6 +21,8 @@ VALUES = {
     "imbalance": 10.0,
     "name": "n",
     "profile": "step",
+    "val_per_class": 5,
+    "val_list": "val.txt",
 }
 REFUSED = [
     (name, option) for name, source in SOURCES.items() for option in OPTIONS

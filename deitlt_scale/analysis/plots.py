@@ -215,3 +215,40 @@ def plot_per_class(
     ax.set_ylabel("eval accuracy (%)")
     ax.legend(fontsize="small", ncol=2)
     return fig
+
+
+def plot_reliability(
+    edges: Sequence[float],
+    counts: Sequence[int],
+    accuracy: Sequence[float],
+    confidence: Sequence[float],
+    title: str,
+) -> Figure:
+    """A reliability diagram: accuracy per equal-width confidence bin against the diagonal of
+    perfect calibration (left), and how many samples each bin holds (right). Bins are those of
+    :func:`deitlt_scale.engine.posthoc.reliability`; empty bins (NaN) are not drawn."""
+    fig = _figure(9, 4.0)
+    left, right = fig.subplots(1, 2)
+    lo, hi = np.asarray(edges[:-1]), np.asarray(edges[1:])
+    width = hi - lo
+    acc = np.asarray(accuracy, dtype=float)
+    conf = np.asarray(confidence, dtype=float)
+    filled = np.isfinite(acc)
+    left.bar(lo[filled], acc[filled], width=width[filled], align="edge", edgecolor="black",
+             color=GROUP_COLOURS[0], label="accuracy")  # fmt: skip
+    left.bar(lo[filled], (conf - acc)[filled], bottom=acc[filled], width=width[filled],
+             align="edge", color="#c44e52", alpha=0.35, label="gap to confidence")  # fmt: skip
+    left.plot([0, 1], [0, 1], "k--", linewidth=1, label="perfect calibration")
+    left.set_xlim(0, 1)
+    left.set_ylim(0, 1)
+    left.set_xlabel("confidence (top-1 softmax probability)")
+    left.set_ylabel("accuracy")
+    left.set_title("reliability")
+    left.legend(loc="upper left", fontsize=8)
+    right.bar(lo, np.asarray(counts), width=width, align="edge", edgecolor="black", color="#8c8c8c")
+    right.set_xlim(0, 1)
+    right.set_xlabel("confidence (top-1 softmax probability)")
+    right.set_ylabel("samples")
+    right.set_title("samples per bin")
+    fig.suptitle(title)
+    return fig

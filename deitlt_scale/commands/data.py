@@ -77,6 +77,19 @@ def register(parser: argparse.ArgumentParser) -> None:
         "--name", metavar="NAME", help="folder/list: dataset name in meta.json (default: root name)"
     )
     prep.add_argument(
+        "--val-per-class",
+        metavar="K",
+        type=int,
+        help="cifar/digits: hold out K images per class as a val split for model selection, from "
+        "the training images the long tail leaves unused (never the test split)",
+    )
+    prep.add_argument(
+        "--val-list",
+        type=Path,
+        metavar="FILE",
+        help="list sources: val list, e.g. the official ImageNet_LT_val.txt / Places_LT_val.txt",
+    )
+    prep.add_argument(
         "--shard-size",
         metavar="SIZE",
         default="256MB",
@@ -171,6 +184,8 @@ def _run_prepare(args: argparse.Namespace) -> int:
         profile=args.profile,
         num_classes=args.num_classes,
         name=args.name,
+        val_per_class=args.val_per_class,
+        val_list=args.val_list,
         shard_size=args.shard_size,
         workers=args.workers,
         seed=args.seed,
@@ -189,6 +204,11 @@ def _run_prepare(args: argparse.Namespace) -> int:
     print(
         f"  eval:  {meta.num_samples('eval')} images, {len(meta.splits['eval']['shards'])} shard(s)"
     )
+    if "val" in meta.splits:
+        print(
+            f"  val:   {meta.num_samples('val')} images, "
+            f"{len(meta.splits['val']['shards'])} shard(s) (held out for model selection)"
+        )
     print(f"  skipped: {len(meta.skipped)}" + (" (listed in meta.json)" if meta.skipped else ""))
     return 0
 
@@ -286,7 +306,7 @@ def verify(meta) -> tuple[list[str], list[str]]:
     from deitlt_scale.data.shards import ShardInfo, verify_shard
 
     rows, problems = [], []
-    for split in ("train", "eval"):
+    for split in [s for s in ("train", "eval", "val") if s in meta.splits]:
         tally = np.zeros(meta.num_classes, dtype=np.int64)
         samples = 0
         for shard in meta.splits[split]["shards"]:
@@ -304,7 +324,9 @@ def verify(meta) -> tuple[list[str], list[str]]:
                 continue
             tally += np.bincount(labels, minlength=meta.num_classes)
             samples += check.num_samples
-        expected = meta.train_counts if split == "train" else meta.eval_counts
+        expected = {"train": meta.train_counts, "eval": meta.eval_counts}.get(
+            split, meta.val_counts or []
+        )
         if samples != meta.num_samples(split):
             problems.append(f"{split}: shards hold {samples} samples, meta.json says "
                             f"{meta.num_samples(split)}")  # fmt: skip
@@ -322,7 +344,7 @@ def _run_inspect(args: argparse.Namespace) -> int:
 
     meta = meta_io.load(args.directory)
     print(f"{meta.dataset} in {args.directory}: {meta.num_classes} classes")
-    for split in ("train", "eval"):
+    for split in [s for s in ("train", "eval", "val") if s in meta.splits]:
         shards = meta.splits[split]["shards"]
         size = sum(s["bytes"] for s in shards) / 1e6
         print(

@@ -458,15 +458,21 @@ class EvalLoader:
         rank: int,
         world_size: int,
         device: torch.device,
+        split: str = "eval",  # "eval" (the test split) or "val" (held out for model selection)
     ) -> None:
         if not 0 <= rank < world_size:
             raise ValueError(f"rank {rank} outside world of {world_size}")
-        self.shards = check_shards(meta, "eval")
-        n = meta.num_samples("eval")
+        if split not in meta.splits:
+            raise UserError(
+                f"{meta.root} has no {split!r} split; prepare it with `deitlt data prepare "
+                "--val-per-class K` (or --val-list) to hold out a validation split"
+            )
+        self.shards = check_shards(meta, split)
+        n = meta.num_samples(split)
         ranges = [shard_range(n, r, world_size) for r in range(world_size)]
         if n < world_size:
             raise UserError(
-                f"{meta.root}: the eval split has {n} images, fewer than the {world_size} ranks"
+                f"{meta.root}: the {split} split has {n} images, fewer than the {world_size} ranks"
             )
         self.begin, self.end = ranges[rank]
         self.num_batches = max(1, math.ceil(max(e - b for b, e in ranges) / micro_batch))

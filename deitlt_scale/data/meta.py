@@ -16,7 +16,8 @@ from deitlt_scale.errors import UserError
 
 META_FILE = "meta.json"
 FORMAT = "deitlt-shards/1"
-SPLITS = ("train", "eval")
+SPLITS = ("train", "eval")  # required; "val" (a held-out validation split) is optional
+OPTIONAL_SPLITS = ("val",)
 
 
 @dataclass
@@ -37,6 +38,7 @@ class DatasetMeta:
     skipped: list[dict[str, str]] = field(default_factory=list)  # {"source": ..., "reason": ...}
     source: dict[str, Any] = field(default_factory=dict)  # how it was prepared (args, versions)
     format: str = FORMAT
+    val_counts: list[int] | None = None  # per model label, when a val split was held out
     root: Path | None = field(default=None, repr=False, compare=False)  # directory it was read from
 
     def num_samples(self, split: str) -> int:

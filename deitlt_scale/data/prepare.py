@@ -32,7 +32,7 @@ import numpy as np
 from deitlt_scale import __version__
 from deitlt_scale.data import longtail, source_table, sources
 from deitlt_scale.data import meta as meta_io
-from deitlt_scale.data.meta import META_FILE, SPLITS, DatasetMeta
+from deitlt_scale.data.meta import META_FILE, OPTIONAL_SPLITS, SPLITS, DatasetMeta
 from deitlt_scale.data.shards import (
     Sample,
     ShardInfo,
@@ -49,8 +49,8 @@ PLAN_FILE = ".plan.json"
 PROGRESS_FILE = ".progress.jsonl"
 PLAN_FORMAT = "deitlt-plan/1"
 CHUNK = 32  # images per worker task
-_SHARD_FILE = re.compile(r"^\.?(train|eval)-\d{6}\.(tar|idx)(\.partial)?$")
-_SPLIT_SEED_OFFSET = {"train": 0, "eval": 1}  # each split gets its own permutation stream
+_SHARD_FILE = re.compile(r"^\.?(train|eval|val)-\d{6}\.(tar|idx)(\.partial)?$")
+_SPLIT_SEED_OFFSET = {"train": 0, "eval": 1, "val": 2}  # a permutation stream per split
 
 
 def parse_size(text: str | int) -> int:
@@ -104,6 +104,8 @@ def prepare_dataset(
     profile: str = "exp",
     num_classes: int | None = None,
     name: str | None = None,
+    val_per_class: int | None = None,
+    val_list: str | Path | None = None,
     shard_size: int | str = DEFAULT_SHARD_SIZE,
     workers: int = 1,
     seed: int = 0,
@@ -115,6 +117,8 @@ def prepare_dataset(
     """Prepare ``source`` into ``out`` and return its :class:`DatasetMeta` (loaded from disk).
 
     ``source`` is one of :data:`SOURCES`. ``workers`` > 1 encodes in that many processes.
+    ``val_per_class`` (CIFAR-LT, digits-lt) or ``val_list`` (list sources) add a held-out
+    ``val`` split for model selection, disjoint from the train and test splits.
     ``seed`` orders samples across shards (the long-tail selection always uses the
     reference's seed 0). Corrupt images are skipped, listed in meta.json["skipped"], and the
     run fails when more than ``max_skip_fraction`` of all entries are skipped. Raises
@@ -132,7 +136,7 @@ def prepare_dataset(
     _check_out(out, overwrite)
     data = _read_source(
         source, root, train_list, eval_list, eval_root, eval_fraction, imbalance, profile,
-        num_classes, name, skip_bad,
+        num_classes, name, skip_bad, val_per_class, val_list,
     )  # fmt: skip
     class_map, splits = _plan_splits(data, seed, shard_bytes)
     options = {
@@ -145,6 +149,8 @@ def prepare_dataset(
         "num_classes": data.num_classes,
         "raw": data.details.get("raw"),
     }
+    if data.val:  # only then, so that directories prepared without one still resume
+        options["val"] = data.details.get("val_per_class") or data.details.get("val_list")
     plan = {
         "format": PLAN_FORMAT,
         "options": options,
@@ -181,13 +187,13 @@ def prepare_dataset(
 
 def _read_source(
     source, root, train_list, eval_list, eval_root, eval_fraction, imbalance, profile,
-    num_classes, name, skip_bad,
+    num_classes, name, skip_bad, val_per_class=None, val_list=None,
 ) -> sources.SourceData:  # fmt: skip
     """Check the options against the source's row of the source table, then read it."""
     args = source_table.SourceArgs(
         root=root, train_list=train_list, eval_list=eval_list, num_classes=num_classes,
         eval_root=eval_root, eval_fraction=eval_fraction, imbalance=imbalance, name=name,
-        profile=profile, skip_bad=skip_bad,
+        profile=profile, skip_bad=skip_bad, val_per_class=val_per_class, val_list=val_list,
     )  # fmt: skip
     refused = source_table.refusal(source, args)
     if refused:
@@ -219,8 +225,9 @@ def _plan_splits(
         )
     class_map = longtail.class_map_by_frequency(counts.tolist())
     splits: dict[str, _Split] = {}
-    for split in SPLITS:
-        raw = data.train if split == "train" else data.eval
+    wanted = SPLITS + tuple(s for s in OPTIONAL_SPLITS if getattr(data, s))
+    for split in wanted:
+        raw = {"train": data.train, "eval": data.eval, "val": data.val}[split]
         if not raw:
             raise UserError(f"the {split} split of {data.dataset} is empty; check its source")
         order = np.random.RandomState(seed + _SPLIT_SEED_OFFSET[split]).permutation(len(raw))
@@ -557,6 +564,7 @@ def _finish(
         num_classes=k,
         train_counts=train_counts,
         eval_counts=counts["eval"].tolist(),
+        val_counts=counts["val"].tolist() if "val" in counts else None,
         class_map=class_map,
         class_names=names,
         groups={

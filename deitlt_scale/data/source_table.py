@@ -31,6 +31,8 @@ OPTIONS = (
     "imbalance",
     "name",
     "profile",
+    "val_per_class",
+    "val_list",
 )
 # What a required option names, for the error raised when it is missing.
 _MEANING = {"root": "the raw dataset's location"}
@@ -49,6 +51,8 @@ class SourceArgs:
     imbalance: float | None = None
     name: str | None = None
     profile: str = "exp"
+    val_per_class: int | None = None
+    val_list: str | Path | None = None
     skip_bad: bool = False  # list sources: skip bad lines instead of failing; others ignore it
 
     def given(self) -> dict[str, object]:
@@ -87,13 +91,15 @@ def _cifar(name: str, args: SourceArgs) -> SourceData:
 
     assert args.root is not None  # required
     imbalance = args.imbalance or sources.CIFAR_IMBALANCE
-    return sources.read_cifar(name, args.root, imbalance, args.profile)
+    return sources.read_cifar(name, args.root, imbalance, args.profile, args.val_per_class)
 
 
 def _digits(name: str, args: SourceArgs) -> SourceData:
     from deitlt_scale.data import sources
 
-    return sources.read_digits(args.imbalance or sources.DIGITS_IMBALANCE, args.profile)
+    return sources.read_digits(
+        args.imbalance or sources.DIGITS_IMBALANCE, args.profile, args.val_per_class
+    )
 
 
 def _folder(name: str, args: SourceArgs) -> SourceData:
@@ -108,8 +114,9 @@ def _lists(name: str, args: SourceArgs) -> SourceData:
 
     assert args.root is not None  # required
     return sources.read_lists(
-        name, args.root, args.train_list, args.eval_list, args.num_classes, args.skip_bad, args.name
-    )
+        name, args.root, args.train_list, args.eval_list, args.num_classes, args.skip_bad,
+        args.name, args.val_list,
+    )  # fmt: skip
 
 
 _CIFAR_HELP = (
@@ -120,14 +127,22 @@ _STANDARD_LISTS_HELP = (
     "--root: image root; --train-list/--eval-list '<path> <label>' files (default: the standard "
     "list names inside --root)"
 )
-_LT_OPTIONS = ("imbalance", "profile")
-_LIST_OPTIONS = ("root", "train_list", "eval_list", "num_classes")
+_LT_OPTIONS = ("imbalance", "profile", "val_per_class")
+_LIST_OPTIONS = ("root", "train_list", "eval_list", "num_classes", "val_list")
 
 SOURCES: dict[str, Source] = {
     "cifar10-lt": Source(_cifar, ("root", *_LT_OPTIONS), ("root",), _CIFAR_HELP),
     "cifar100-lt": Source(_cifar, ("root", *_LT_OPTIONS), ("root",), _CIFAR_HELP),
     "imagenet-lt": Source(_lists, _LIST_OPTIONS, ("root",), _STANDARD_LISTS_HELP),
     "inat2018": Source(_lists, _LIST_OPTIONS, ("root",), _STANDARD_LISTS_HELP),
+    "places-lt": Source(
+        _lists,
+        _LIST_OPTIONS,
+        ("root",),
+        "--root: the Places-365 image root; --train-list/--eval-list (default: Places_LT_train.txt"
+        " and Places_LT_test.txt in --root, 365 classes); --val-list Places_LT_val.txt for the "
+        "official 20-per-class val split",
+    ),
     "folder": Source(
         _folder,
         ("root", "eval_root", "eval_fraction", "name"),

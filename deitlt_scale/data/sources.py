@@ -40,13 +40,17 @@ DIGITS_IMBALANCE = 20.0
 CIFAR_IMBALANCE = 100.0
 # The reference seeds its long-tail selection with 0 (np.random.seed(0)), whatever the run seed.
 SELECTION_SEED = 0
-DEFAULT_NUM_CLASSES = {"imagenet-lt": 1000, "inat2018": 8142}
+# The held-out validation split (--val-per-class) draws with its own stream, so adding it leaves
+# the reference's long-tail selection untouched.
+VAL_SEED = 1
+DEFAULT_NUM_CLASSES = {"imagenet-lt": 1000, "inat2018": 8142, "places-lt": 365}
 DEFAULT_LISTS = {
     "imagenet-lt": (
         ("ImageNet_LT_train.txt", "Imagenet_LT_train.txt"),
         ("ImageNet_LT_test.txt", "Imagenet_LT_test.txt"),
     ),
     "inat2018": (("iNaturalist18_train.txt",), ("iNaturalist18_val.txt",)),
+    "places-lt": (("Places_LT_train.txt",), ("Places_LT_test.txt",)),
 }
 
 
@@ -78,6 +82,7 @@ class SourceData:
     image_size: int | None = None
     skipped: list[dict[str, str]] = field(default_factory=list)  # bad list entries (--skip-bad)
     details: dict[str, Any] = field(default_factory=dict)  # recorded in meta.json["source"]
+    val: list[Record] = field(default_factory=list)  # held-out validation split; [] when none
 
 
 # --------------------------------------------------------------------------- long-tail selection
@@ -100,6 +105,53 @@ def select_longtail(
         rng.shuffle(idx)
         kept.extend(idx[: int(n)].tolist())
     return kept
+
+
+def hold_out_val(
+    labels: np.ndarray,
+    train: Sequence[int],
+    pool: Sequence[int],
+    per_class: int,
+    seed: int = VAL_SEED,
+) -> tuple[list[int], list[int], dict[int, int]]:
+    """A balanced validation split of ``per_class`` rows per class, disjoint from the train
+    rows and from anything outside ``pool`` (the test split never is in it).
+
+    The val rows of class ``c`` are drawn (a ``RandomState(seed)`` shuffle, classes in
+    ascending order) from the pool rows the long-tailed ``train`` selection left unused. Where
+    a class has fewer unused rows than ``per_class`` (a head class whose every image is in the
+    train split, as class 0 of CIFAR-10-LT), the shortfall is moved from the end of its train
+    rows; the returned ``moved`` counts them per class, and the train split of such a class is
+    that much smaller than the reference's. Returns ``(train, val, moved)``; ``train`` keeps its
+    order.
+    """
+    if per_class < 1:
+        raise UserError(f"--val-per-class must be >= 1, got {per_class}")
+    rng = np.random.RandomState(seed)
+    labels = np.asarray(labels)
+    train_set = set(int(i) for i in train)
+    pool = np.asarray(sorted(int(i) for i in pool))
+    val: list[int] = []
+    moved: dict[int, int] = {}
+    dropped: set[int] = set()
+    for c in range(int(labels.max()) + 1):
+        unused = np.array([i for i in pool[labels[pool] == c] if int(i) not in train_set])
+        rng.shuffle(unused)
+        take = unused[:per_class].tolist()
+        short = per_class - len(take)
+        if short > 0:
+            mine = [int(i) for i in train if labels[i] == c]
+            if len(mine) - short < 1:
+                raise UserError(
+                    f"class {c} has {len(mine) + len(take)} images outside the test split, too "
+                    f"few for --val-per-class {per_class} and one training image; lower it"
+                )
+            take += mine[-short:]
+            dropped.update(mine[-short:])
+            moved[c] = short
+        val.extend(int(i) for i in take)
+    kept = [int(i) for i in train if int(i) not in dropped]
+    return kept, val, moved
 
 
 # --------------------------------------------------------------------------- encoding
@@ -279,12 +331,18 @@ def _cifar_batch(batch: dict[str, Any], where: str, label_key: str):
 
 
 def read_cifar(
-    dataset: str, root: str | Path, imbalance: float = CIFAR_IMBALANCE, profile: str = "exp"
+    dataset: str,
+    root: str | Path,
+    imbalance: float = CIFAR_IMBALANCE,
+    profile: str = "exp",
+    val_per_class: int | None = None,
 ) -> SourceData:
     """CIFAR-10/100-LT from the python tarball or its extracted folder (METHOD.md 1.1).
 
     Train: ``n_max = len(train) / K``, counts from :func:`lt_counts`, samples kept by
     :func:`select_longtail`. Eval: the whole balanced test split. Class names from the meta file.
+    ``val_per_class``: a balanced val split from the original training images
+    (:func:`hold_out_val`; never from the test split).
     """
     layout = _CIFAR[dataset]
     members, where = _cifar_members(dataset, Path(root))
@@ -308,13 +366,19 @@ def read_cifar(
     n_max = len(train_labels) / k  # float, as the reference's img_max
     counts = lt_counts(n_max, k, imbalance, profile)
     kept = select_longtail(train_labels, counts)
+    val: list[int] = []
+    val_details: dict[str, Any] = {}
+    if val_per_class is not None:
+        kept, val, moved = hold_out_val(train_labels, kept, range(len(train_labels)), val_per_class)
+        val_details = _val_details(val_per_class, moved)
     return SourceData(
         dataset=dataset,
         num_classes=k,
         class_names=[n.decode("latin1") if isinstance(n, bytes) else str(n) for n in names],
         train=[Record(str(i), int(train_labels[i])) for i in kept],
         eval=[Record(str(i), int(lab)) for i, lab in enumerate(test_labels)],
-        arrays={"train": train_pixels, "eval": test_pixels},
+        arrays={"train": train_pixels, "eval": test_pixels, "val": train_pixels},
+        val=[Record(str(i), int(train_labels[i])) for i in val],
         image_size=32,
         details={
             "raw": where,
@@ -323,20 +387,34 @@ def read_cifar(
             "n_max": n_max,
             "requested_counts": counts,
             "selection": f"np.random.RandomState({SELECTION_SEED}) shuffle per class (METHOD.md 1.1)",
+            **val_details,
         },
     )
+
+
+def _val_details(per_class: int, moved: dict[int, int]) -> dict[str, Any]:
+    return {
+        "val_per_class": per_class,
+        "val_source": "training images the long-tailed selection left unused "
+        f"(RandomState({VAL_SEED}) shuffle per class); never the test split",
+        "val_moved_from_train": {str(c): n for c, n in moved.items()},
+    }
 
 
 # --------------------------------------------------------------------------- digits-lt
 
 
-def read_digits(imbalance: float = DIGITS_IMBALANCE, profile: str = "exp") -> SourceData:
+def read_digits(
+    imbalance: float = DIGITS_IMBALANCE, profile: str = "exp", val_per_class: int | None = None
+) -> SourceData:
     """The embedded default dataset: scikit-learn's 8x8 handwritten digits, long-tailed.
 
     Eval: 50 images per class, held out first (a ``RandomState(0)`` shuffle of each class's
     indices, classes in ascending order, first 50). Train: from the rest, ``n_max = 120`` and
     the CIFAR-LT exponential profile, kept by :func:`select_longtail` (a fresh seed 0). Pixels
     (0..16) are scaled to 0..255, upsampled bicubically to 32x32 and replicated to RGB.
+    ``val_per_class``: a balanced val split from the images neither split uses
+    (:func:`hold_out_val`).
     """
     from sklearn.datasets import load_digits
 
@@ -360,13 +438,19 @@ def read_digits(imbalance: float = DIGITS_IMBALANCE, profile: str = "exp") -> So
     pool = np.setdiff1d(np.arange(len(labels)), held_out)  # ascending: the original order
     counts = lt_counts(DIGITS_N_MAX, k, imbalance, profile)
     kept = pool[select_longtail(labels[pool], counts)]
+    val: list[int] = []
+    val_details: dict[str, Any] = {}
+    if val_per_class is not None:
+        kept, val, moved = hold_out_val(labels, kept.tolist(), pool, val_per_class)
+        val_details = _val_details(val_per_class, moved)
     return SourceData(
         dataset="digits-lt",
         num_classes=k,
         class_names=[str(c) for c in range(k)],
         train=[Record(str(i), int(labels[i])) for i in kept],
         eval=[Record(str(i), int(labels[i])) for i in sorted(held_out)],
-        arrays={"train": pixels, "eval": pixels},
+        arrays={"train": pixels, "eval": pixels, "val": pixels},
+        val=[Record(str(i), int(labels[i])) for i in sorted(val)],
         image_size=DIGITS_SIZE,
         details={
             "raw": "sklearn.datasets.load_digits (1,797 8x8 images)",
@@ -376,6 +460,7 @@ def read_digits(imbalance: float = DIGITS_IMBALANCE, profile: str = "exp") -> So
             "eval_per_class": DIGITS_EVAL_PER_CLASS,
             "requested_counts": counts,
             "upsampling": f"bicubic 8->{DIGITS_SIZE} px, grey replicated to RGB",
+            **val_details,
         },
     )
 
@@ -506,10 +591,15 @@ def read_lists(
     num_classes: int | None = None,
     skip_bad: bool = False,
     name: str | None = None,
+    val_list: str | Path | None = None,
 ) -> SourceData:
-    """ImageNet-LT, iNaturalist-2018 or any ``<path> <label>`` lists (METHOD.md 1.2, 1.3).
+    """ImageNet-LT, iNaturalist-2018, Places-LT or any ``<path> <label>`` lists (METHOD.md
+    1.2, 1.3). ``val_list``: a held-out validation list (ImageNet-LT and Places-LT ship one of
+    20 images per class: ``ImageNet_LT_val.txt``, ``Places_LT_val.txt``), checked like the
+    others and disjoint from both.
 
-    ``source`` is ``imagenet-lt``, ``inat2018`` or ``list``; ``name`` overrides the dataset
+    ``source`` is ``imagenet-lt``, ``inat2018``, ``places-lt`` or ``list``; ``name`` overrides
+    the dataset
     name (``list`` defaults to the root folder's name). Paths are relative to ``root``.
     ``num_classes`` defaults to 1000 (imagenet-lt), 8142 (inat2018), or the largest training
     label + 1. Bad lines (malformed, non-integer or out-of-range label, missing file, path listed
@@ -532,6 +622,11 @@ def read_lists(
     seen: set[str] = set()
     train = _check_entries(train_entries, root, num_classes, seen, bad)
     evals = _check_entries(eval_entries, root, num_classes, seen, bad)
+    val: list[Record] = []
+    details: dict[str, Any] = {}
+    if val_list is not None:
+        val = _check_entries(_parse_list(Path(val_list), bad), root, num_classes, seen, bad)
+        details["val_list"] = str(val_list)
     bad.raise_if_any()
     return SourceData(
         dataset=dataset,
@@ -540,7 +635,13 @@ def read_lists(
         train=train,
         eval=evals,
         skipped=bad.items,
-        details={"raw": str(root), "train_list": str(train_path), "eval_list": str(eval_path)},
+        details={
+            "raw": str(root),
+            "train_list": str(train_path),
+            "eval_list": str(eval_path),
+            **details,
+        },
+        val=val,
     )
 
 
