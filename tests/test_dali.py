@@ -441,6 +441,41 @@ def test_crop_and_flip_statistics_match_the_configuration_and_the_reference(
 
 
 @pytest.mark.parametrize("decode", DECODES)
+def test_pad_crop_shifts_the_whole_image_by_at_most_pad_with_zero_borders(
+    colours: DatasetMeta, decode: str
+) -> None:
+    cfg = make_config(
+        repeated_aug=3 if decode == "once" else 1, decode=decode, crop="pad_crop", pad=4,
+        hflip=0.0, **PLAIN,
+    )  # fmt: skip
+    borders = set()
+    for batch in train_loader(colours, cfg, micro_batches_per_epoch=3).epoch(0):
+        black = (to_pixels(batch.images) < 4).all(dim=1)  # (B, H, W): the zero padding
+        assert decode_ids(batch.images) == batch.labels.tolist()  # the image itself is intact
+        for mask in black:
+            rows, cols = mask.all(dim=1), mask.all(dim=0)
+            top, bottom = int(rows[:8].sum()), int(rows[-8:].sum())
+            left, right = int(cols[:8].sum()), int(cols[-8:].sum())
+            assert max(top, bottom, left, right) <= 4 and top * bottom == 0 and left * right == 0
+            interior = ~(rows[:, None] | cols[None, :])
+            assert not mask[interior].any()  # zeros only in whole border rows and columns
+            borders.add((top - bottom, left - right))
+    assert len(borders) > 5  # the offsets are drawn, not fixed
+
+
+def test_colour_jitter_changes_the_colour_of_solid_images(colours: DatasetMeta) -> None:
+    def colour_shift(jitter: float) -> float:
+        cfg = make_config(color_jitter=jitter, hflip=0.0, **PLAIN)
+        batch = next(iter(train_loader(colours, cfg, micro_batches_per_epoch=1).epoch(0)))
+        rgb = to_pixels(batch.images).flatten(2).median(dim=2).values
+        want = torch.tensor([id_colour(i) for i in batch.labels.tolist()], dtype=rgb.dtype)
+        return float((rgb - want).abs().mean())
+
+    assert colour_shift(0.0) < 3.0
+    assert colour_shift(0.4) > 8.0
+
+
+@pytest.mark.parametrize("decode", DECODES)
 def test_copies_of_an_image_are_augmented_independently(
     gradients: DatasetMeta, decode: str
 ) -> None:

@@ -17,9 +17,14 @@ Train graph (METHOD.md 4.2, timm ``transforms_imagenet_train``, in this order):
    each with its own operators and so its own random draws, and stack the copies per sample as
    ``(repeats, 3, S, S)``;
 3. RandomResizedCrop (area ``scale``, aspect ``ratio``, ten attempts) to ``image_size`` x
-   ``image_size`` with cubic interpolation;
+   ``image_size`` with cubic interpolation; or, for the CIFAR teachers' weak recipe
+   (``augment.crop=pad_crop``), the image at ``image_size`` shifted by up to ``pad`` pixels with
+   zeros around it (:func:`pad_crop`, torchvision's ``RandomCrop(size, padding=pad)``);
 4. horizontal flip with p=``hflip`` (``fn.flip``), before RandAugment as in timm (ShearY is
    anchored at the left column, so flipping after it would not give the same distribution);
+   then, when ``augment.color_jitter`` > 0 (the L-D-SAM ImageNet-LT/iNat teachers), brightness,
+   contrast and saturation factors drawn from ``[1 - c, 1 + c]`` (``fn.color_twist``; one fixed
+   order where torchvision permutes the three);
 5. RandAugment ``rand-m9-mstd0.5-inc1`` re-built from DALI's ``auto_aug`` parts
    (:func:`timm_rand_augment`; see docs/data_pipeline.md for the mapping and what differs);
 6. normalise (``fn.crop_mirror_normalize``, NCHW float32);
@@ -71,6 +76,9 @@ class TrainGraph:
     mean: tuple[float, float, float]  # in [0, 1] units
     std: tuple[float, float, float]
     repeats: int = 1  # augmented copies of each decoded sample
+    crop: str = "random_resized"  # or "pad_crop": zero-pad ``pad`` px, random size x size crop
+    pad: int = 4
+    color_jitter: float = 0.0  # brightness/contrast/saturation factors in [1 - c, 1 + c]
 
 
 @dataclass(frozen=True)
@@ -336,6 +344,24 @@ def _normalise_args(mean, std) -> dict:
 ENCODED_NAME = "encoded"  # the external source of the train graph
 
 
+def pad_crop(images, size: int, pad: int):
+    """torchvision's ``RandomCrop(size, padding=pad)`` (the CIFAR teachers' weak crop) on
+    size x size images: a size x size window whose top-left corner is drawn uniformly from
+    ``[-pad, pad]`` in each axis, zeros outside the image."""
+    offsets = list(range(-pad, pad + 1))
+    start = fn.stack(fn.random.uniform(values=offsets), fn.random.uniform(values=offsets))
+    return fn.slice(
+        images,
+        start,
+        np.array([size, size], dtype=np.float32),
+        axis_names="HW",
+        normalized_anchor=False,
+        normalized_shape=False,
+        out_of_bounds_policy="pad",
+        fill_values=0,
+    )
+
+
 def _decoder_device(device: str) -> str:
     return "mixed" if device == "gpu" else "cpu"
 
@@ -350,7 +376,17 @@ def _augment(images, graph: TrainGraph, decoded: bool, device: str):
         "random_aspect_ratio": list(graph.ratio),
         "num_attempts": 10,
     }
-    if decoded:
+    if graph.crop == "pad_crop":
+        if not decoded:
+            images = fn.decoders.image(
+                images, device=_decoder_device(device), output_type=types.RGB
+            )
+        # At the native size (CIFAR: 32 px) the resize leaves the image as it is.
+        images = fn.resize(
+            images, size=(size, size), interp_type=types.INTERP_CUBIC, antialias=True
+        )
+        images = pad_crop(images, size, graph.pad)
+    elif decoded:
         images = fn.random_resized_crop(
             images, size=(size, size), interp_type=types.INTERP_CUBIC, antialias=True, **crop
         )
@@ -362,6 +398,14 @@ def _augment(images, graph: TrainGraph, decoded: bool, device: str):
             images, size=(size, size), interp_type=types.INTERP_CUBIC, antialias=True
         )
     images = fn.flip(images, horizontal=fn.random.coin_flip(probability=graph.hflip), vertical=0)
+    if graph.color_jitter > 0:
+        c = graph.color_jitter
+        images = fn.color_twist(
+            images,
+            brightness=fn.random.uniform(range=[max(0.0, 1 - c), 1 + c]),
+            contrast=fn.random.uniform(range=[max(0.0, 1 - c), 1 + c]),
+            saturation=fn.random.uniform(range=[max(0.0, 1 - c), 1 + c]),
+        )
     if graph.randaugment_ops > 0:
         fill = round(255.0 * sum(graph.mean) / 3.0)  # DALI warps fill one value for all channels
         images = timm_rand_augment(

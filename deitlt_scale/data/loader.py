@@ -368,6 +368,9 @@ class TrainLoader:
             mean=tuple(cfg.mean),
             std=tuple(cfg.std),
             repeats=1 if self.per_copy else cfg.repeated_aug,
+            crop=a.crop,
+            pad=a.pad,
+            color_jitter=a.color_jitter,
         )
 
     def __len__(self) -> int:

@@ -23,9 +23,10 @@ from deitlt_scale import config as config_mod
 from deitlt_scale import tasks
 from deitlt_scale.config import Config
 from deitlt_scale.data import meta as meta_mod
-from deitlt_scale.engine import checkpoint
+from deitlt_scale.engine import checkpoint, selection
 from deitlt_scale.engine.distributed import World, deepspeed_config
 from deitlt_scale.engine.evaluate import EvalResult, evaluate_run, format_table
+from deitlt_scale.engine.warm_start import warm_start
 from deitlt_scale.tracking.writer import MetricWriter
 
 EXIT_REQUEUE = 75  # stopped by a signal after a complete checkpoint: requeue and resume
@@ -86,16 +87,21 @@ class Trainer:
         self.task = tasks.create(cfg, self.meta, world.device)
         torch.manual_seed(cfg.train.seed)  # the same initial weights for the same seed
         model = self.task.build_model()
+        # A later stage (e.g. at a higher resolution) starts from a trained run's weights.
+        init_note = warm_start(model, cfg.train.init_from)
+        if init_note is not None and world.is_main:
+            print(init_note, flush=True)
         self.model_spec = self.task.model_spec()
         if cfg.model.compile:
             model = torch.compile(model, mode=cfg.model.compile_mode)
         self.engine = components.build_engine(
             model, cfg.optim, self.ds_config, self.peak_lr, world.device
         )
-        self.train_loader = self.eval_loader = None
+        self.train_loader = self.eval_loader = self.val_loader = None
         if with_data:
             self.train_loader = components.build_train_loader(cfg, self.meta, self.steps, world)
             self.eval_loader = components.build_eval_loader(cfg, self.meta, world)
+            self.val_loader = selection.build_val_loader(cfg, self.meta, world)
         return self
 
     def describe(self) -> str:
@@ -273,11 +279,15 @@ class Trainer:
     def _end_of_epoch(self, epoch: int) -> None:
         cfg, done = self.cfg, self.state.step >= self.steps.total
         if (epoch + 1) % cfg.eval.every_epochs == 0 or done:
-            result = self.run_eval()
-            metric = result.metrics[self.task.headline]
+            chooser = self.run_eval()
+            metric = chooser.metrics[self.task.headline]
             if metric > self.state.best_metric:
                 self.state.best_metric, self.state.best_step = metric, self.state.step
                 self._save(epoch, best=True)
+                if self.world.is_main:
+                    split = selection.selection_split(self.meta)
+                    eval_dir, step = self.run_dir / "eval", self.state.step
+                    selection.record_selection(eval_dir, split, self.task.headline, step, metric)
         if (epoch + 1) % cfg.checkpoint.every_epochs == 0 or done:
             self._save(epoch)
 
@@ -290,25 +300,28 @@ class Trainer:
         )
 
     def run_eval(self) -> EvalResult:
-        """Evaluate the live model on the eval split (all ranks); rank 0 writes and logs it."""
+        """Evaluate the live model on the eval split and, when the dataset has one, the val
+        split (all ranks); rank 0 writes and logs both. Returns the result the best checkpoint
+        is chosen on: the val split's, else the eval split's (as the reference does)."""
+        eval_dir, step = self.run_dir / "eval", self.state.step
         self.engine.eval()
         try:
             result = evaluate_run(
-                self.predict,
-                self.eval_loader,
-                self.meta,
-                self.world,
-                self.run_dir / "eval",
-                self.state.step,
+                self.predict, self.eval_loader, self.meta, self.world, eval_dir, step
+            )
+            chooser = selection.evaluate_selection(
+                self.predict, self.val_loader, result, self.meta, self.world, eval_dir, step
             )
         finally:
             self.engine.train()
+        if self.world.is_main and chooser is not result:
+            self.tracker.log_metrics({f"val/{k}": v for k, v in chooser.metrics.items()}, step)
         if self.world.is_main:
             print(f"[step {self.state.step}] eval\n{format_table(result)}", flush=True)
             self.tracker.log_metrics(
                 {f"eval/{k}": v for k, v in result.metrics.items()}, self.state.step
             )
-        return result
+        return chooser
 
     def predict(self, images: torch.Tensor) -> dict[str, torch.Tensor]:
         """Logits per reported head through the engine's forward (ZeRO-3 gathers parameters)."""
