@@ -340,7 +340,7 @@ def create(cfg: Config, meta: DatasetMeta, device: torch.device | None = None) -
     return check(cfg)(cfg, meta, device)  # type: ignore[call-arg]
 
 
-def require_command(cfg: Config, recipe: Any, command: str) -> None:
+def require_command(cfg: Config, recipe: Any, command: str) -> type[Task]:
     """Check ``cfg`` (:func:`check`) and refuse a recipe handed to the wrong verb (a teacher
     recipe to ``deitlt train``)."""
     kind = check(cfg)
@@ -349,6 +349,7 @@ def require_command(cfg: Config, recipe: Any, command: str) -> None:
             f"{recipe} trains a {kind.name} (train.task={cfg.train.task}); run it with "
             f"`deitlt {kind.command}`"
         )
+    return kind
 
 
 def load_frozen_teacher(

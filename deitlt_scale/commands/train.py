@@ -25,6 +25,15 @@ def register(parser: argparse.ArgumentParser) -> None:
         action="store_true",
         help="build everything, print the resolved config, world layout and batch, then exit",
     )
+    parser.add_argument(
+        "--world-size",
+        type=int,
+        metavar="W",
+        default=None,
+        help="with --dry-run: print the layout of a job of W processes (steps/epoch, total steps, "
+        "DRW step, peak lr, DeepSpeed config) from this machine, building nothing; needs only "
+        "the dataset's meta.json",
+    )
     parser.epilog = (
         "Resumes automatically from the newest complete checkpoint in runtime.run_dir. "
         "Exit status 75 means: stopped by a signal after a checkpoint; run again to resume."
@@ -32,7 +41,51 @@ def register(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    if args.world_size is not None:
+        from deitlt_scale.errors import UserError
+
+        if not args.dry_run or args.world_size < 1:
+            raise UserError("--world-size W (W >= 1) plans a job: use it with --dry-run")
+        return plan_layout(args.recipe, args.overrides, args.world_size, "train")
     return run_training(args.recipe, args.overrides, dry_run=args.dry_run)
+
+
+def plan_layout(recipe, overrides, world_size: int, command: str) -> int:
+    """Print what a job of ``world_size`` processes would run, without building it."""
+    import yaml
+
+    from deitlt_scale import config as config_mod
+    from deitlt_scale import tasks
+    from deitlt_scale.data import meta as meta_mod
+    from deitlt_scale.engine.distributed import deepspeed_config
+    from deitlt_scale.optim import peak_lr
+
+    cfg = config_mod.load(recipe, overrides)
+    kind = tasks.require_command(cfg, recipe, command)
+    config_mod.validate_world(cfg, world_size)
+    meta = meta_mod.load(cfg.data.shards)
+    n = meta.num_samples("train")
+    s = config_mod.resolve_steps(cfg, n, world_size)
+    t = cfg.train
+    last = s.micro_batches_in_step(s.steps_per_epoch - 1)
+    drw = "never" if s.drw_start is None else f"step {s.drw_start}"
+    lines = [
+        f"plan         {world_size} process(es), {kind.name} run of {recipe}",
+        f"data         {meta.dataset}: {n} train images; per rank and epoch {s.samples_per_rank}"
+        f" samples (repeated augmentation x{cfg.data.repeated_aug})",
+        f"batch        {t.micro_batch} per process x {t.grad_accum} accumulation x {world_size}"
+        f" = {t.micro_batch * t.grad_accum * world_size} global",
+        f"epoch        {s.micro_batches_per_epoch} micro-batches per rank (last of"
+        f" {s.last_micro_batch} images), {s.steps_per_epoch} optimizer steps (last of {last}"
+        " micro-batches)",
+        f"schedule     {s.total} steps, warm-up {s.warmup}, DRW from {drw},"
+        f" peak lr {peak_lr(cfg.optim, t.micro_batch, world_size):.3g}",
+        "deepspeed    " + json.dumps(deepspeed_config(cfg, world_size), sort_keys=True),
+    ]
+    print("\n".join(lines), flush=True)
+    print(yaml.safe_dump(config_mod.to_dict(cfg), sort_keys=False), flush=True)
+    print("dry run: nothing was built", flush=True)
+    return 0
 
 
 def run_training(
