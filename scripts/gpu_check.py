@@ -102,8 +102,11 @@ STEP_LINE = re.compile(
 RATIO_LINE = re.compile(r"^ratio step/reference images/s: ([0-9.]+)x")
 ABLATION_LINE = re.compile(r"^ratio step\[(.+)\]/step images/s: ([0-9.]+)x")
 SECTION = re.compile(r"^== (.+?) \(limit \d+s\)")
+# `bench data` prints one DALI line per variant ("dali (gpu, repeated aug 3, decoded per copy)");
+# the first is the configuration its "ratio dali/reference" compares.
 DATA_LINE = re.compile(
-    r"^(dali) \((?:gpu|cpu)\): ([0-9.]+) images/s|^(reference) \(.*\): ([0-9.]+) images/s"
+    r"^(dali) \((?:gpu|cpu)(?:, ([^)]*))?\): ([0-9.]+) images/s"
+    r"|^(reference) \(.*\): ([0-9.]+) images/s"
 )
 DATA_RATIO_LINE = re.compile(r"^ratio dali/reference: ([0-9.]+)x")
 # `deitlt train` logs one line per log window; the last one is past compilation and warm-up.
@@ -138,8 +141,15 @@ def parse_benchmarks(text: str) -> dict[str, dict[str, float]]:
             results.setdefault(section, {})[f"variant {variant}"] = float(value)
         data = DATA_LINE.match(line)
         if data:
-            name, rate = (data.group(1), data.group(2)) if data.group(1) else data.group(3, 4)
-            results.setdefault(section, {})[f"{name} images/s"] = float(rate)
+            figures = results.setdefault(section, {})
+            if data.group(1):
+                variant, rate = data.group(2), data.group(3)
+                if "dali images/s" in figures and variant:
+                    figures[f"dali {variant} images/s"] = float(rate)
+                else:
+                    figures["dali images/s"] = float(rate)
+            else:
+                figures["reference images/s"] = float(data.group(5))
         data_ratio = DATA_RATIO_LINE.match(line)
         if data_ratio:
             results.setdefault(section, {})["x reference"] = float(data_ratio.group(1))

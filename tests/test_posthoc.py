@@ -226,6 +226,15 @@ def deitlt_eval(*args) -> subprocess.CompletedProcess:
 
 
 @pytest.mark.slow
+def test_training_with_a_val_split_chooses_its_best_checkpoint_there(trained_run):
+    chosen = json.loads((trained_run / "eval" / "selection.json").read_text())
+    assert chosen["split"] == "val" and chosen["metric"] == "mean/overall"
+    val = json.loads((trained_run / "eval" / "val" / "latest.json").read_text())
+    assert chosen["value"] == pytest.approx(val["metrics"]["mean/overall"])
+    assert val["step"] == chosen["step"]
+
+
+@pytest.mark.slow
 def test_eval_flags_write_the_posthoc_outputs_with_choices_on_val(trained_run):
     out = deitlt_eval(trained_run, "--tag", "latest", "--logit-adjust", "--calibration",
                       "--fusion-weight")  # fmt: skip

@@ -98,10 +98,11 @@ CASES: dict[str, Case] = {
         ("train.global_batch=64",),
         names=("train.global_batch=64", "train.micro_batch=16"),
     ),
-    "batch larger than the data": Case(
-        "a global batch larger than the training set",
-        ("train.micro_batch=512",),
-        names=("train.micro_batch=512", "405 training images"),
+    "odd last micro-batch with mixup": Case(
+        "an epoch whose last micro-batch is odd while mixup pairs samples",
+        ("data.epoch_multiple=1", "train.micro_batch=32"),
+        names=("last micro-batch of an epoch holds 21 images", "train.micro_batch"),
+        shown="train.micro_batch",
     ),
     "drw past the end": Case(
         "DRW starting after the last epoch", ("distill.drw_epoch=2",), names=("distill.drw_epoch",)
