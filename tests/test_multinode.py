@@ -54,7 +54,9 @@ NODE_DOWN_TIMEOUT_S = 60  # SlurmdTimeout=10 plus a ping interval or two
 STEP_LINE = re.compile(r"^\[step (\d+)/(\d+)\] .*\blr=(\S+)", re.MULTILINE)
 ATTEMPT_LINE = re.compile(r"^deitlt\[slurm\]: job \d+ .* restart (\d+) on ", re.MULTILINE)
 
-EPOCHS, STEPS_PER_EPOCH = 3, 6  # 405 training images / (32 x 2) = 6 steps per epoch
+# An epoch is floor(405 / 64) * 64 = 384 images (data.epoch_multiple=64): 6 steps of 2 x 32
+# images on two processes, or of 32 x 2 accumulated on one.
+EPOCHS, STEPS_PER_EPOCH = 3, 6
 TOTAL_STEPS = EPOCHS * STEPS_PER_EPOCH
 
 pytestmark = pytest.mark.slow
@@ -68,6 +70,7 @@ def tiny_overrides(teacher: Path, **extra: object) -> tuple[str, ...]:
         "model.num_heads": 2,
         "train.epochs": EPOCHS,
         "train.micro_batch": 32,
+        "data.epoch_multiple": 64,
         "train.log_every": 1,
         "schedule.warmup_epochs": 1,
         "distill.drw_epoch": 2,

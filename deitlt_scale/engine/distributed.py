@@ -101,6 +101,12 @@ def init_distributed(device_request: str = "auto") -> World:
         MASTER_PORT=str(launch.master_port),
     )
     if not torch.distributed.is_initialized():
+        if launch.launcher == "single":
+            # One process needs no rendezvous: an in-memory store, so no TCP port is claimed
+            # (a free port picked earlier can be taken by another process before it is bound).
+            torch.distributed.init_process_group(
+                backend, store=torch.distributed.HashStore(), rank=0, world_size=1
+            )
         deepspeed.init_distributed(dist_backend=backend, auto_mpi_discovery=False)
     return World(launch.rank, launch.local_rank, launch.world_size, device, backend)
 
