@@ -114,6 +114,9 @@ def test_single_process_run_trains_evaluates_and_checkpoints(digits_lt, random_t
         for conv in ("paper", "count"):
             for group in ("head", "mid", "tail"):
                 assert f"{head}/{conv}/{group}" in latest["metrics"]
+    best = json.loads((run_dir / "eval" / "best.json").read_text())
+    assert best["selected_on"] == "eval" and best["step"] <= total  # no val split: the test split
+    assert set(best["metrics"]) == set(latest["metrics"])
     bests = list((run_dir / "checkpoints").glob("best*"))  # the best so far, one directory
     assert len(bests) == 1 and (bests[0] / "COMPLETE").is_file(), bests
     table = (run_dir / "eval" / "table.txt").read_text()

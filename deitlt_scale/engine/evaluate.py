@@ -188,8 +188,13 @@ def write_eval_outputs(result: EvalResult, out_dir: Path, meta: Any, step: int) 
     write_per_class_csv(
         result, out_dir / "per_class_latest.csv", meta.train_counts, meta.class_names, meta.groups
     )
-    payload = {"step": step, "metrics": result.metrics}
-    tmp = out_dir / ".latest.json.partial"
-    tmp.write_text(json.dumps(payload, indent=1))
-    tmp.replace(out_dir / "latest.json")
+    write_json_atomic(out_dir / "latest.json", {"step": step, "metrics": result.metrics})
     (out_dir / "table.txt").write_text(format_table(result) + "\n")
+
+
+def write_json_atomic(path: Path, payload: dict[str, Any]) -> None:
+    """Write ``payload`` as JSON through a partial file, so a reader never sees half of it."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.partial")
+    tmp.write_text(json.dumps(payload, indent=1))
+    tmp.replace(path)

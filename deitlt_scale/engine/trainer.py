@@ -25,7 +25,7 @@ from deitlt_scale.config import Config
 from deitlt_scale.data import meta as meta_mod
 from deitlt_scale.engine import checkpoint, selection
 from deitlt_scale.engine.distributed import World, deepspeed_config
-from deitlt_scale.engine.evaluate import EvalResult, evaluate_run, format_table
+from deitlt_scale.engine.evaluate import EvalResult, evaluate_run, format_table, write_json_atomic
 from deitlt_scale.engine.warm_start import warm_start
 from deitlt_scale.tracking.writer import MetricWriter
 
@@ -288,6 +288,12 @@ class Trainer:
                     split = selection.selection_split(self.meta)
                     eval_dir, step = self.run_dir / "eval", self.state.step
                     selection.record_selection(eval_dir, split, self.task.headline, step, metric)
+                    # The eval split's figures of the best checkpoint, beside latest.json's
+                    # figures of the final one.
+                    write_json_atomic(
+                        eval_dir / "best.json",
+                        {"step": step, "selected_on": split, "metrics": self._test_result.metrics},
+                    )
         if (epoch + 1) % cfg.checkpoint.every_epochs == 0 or done:
             self._save(epoch)
 
@@ -314,6 +320,7 @@ class Trainer:
             )
         finally:
             self.engine.train()
+        self._test_result = result
         if self.world.is_main and chooser is not result:
             self.tracker.log_metrics({f"val/{k}": v for k, v in chooser.metrics.items()}, step)
         if self.world.is_main:
