@@ -101,9 +101,9 @@ def init_distributed(device_request: str = "auto") -> World:
         MASTER_PORT=str(launch.master_port),
     )
     if not torch.distributed.is_initialized():
-        if launch.launcher == "single":
+        if launch.world_size == 1:
             # One process needs no rendezvous: an in-memory store, so no TCP port is claimed
-            # (a free port picked earlier can be taken by another process before it is bound).
+            # (a port picked or inherited earlier can be taken by another process first).
             torch.distributed.init_process_group(
                 backend, store=torch.distributed.HashStore(), rank=0, world_size=1
             )
