@@ -86,11 +86,11 @@ def cmd_select_tests() -> int:
 def cmd_make_dataset(root: Path, images: int, classes: int) -> int:
     """A prepared dataset of generated 256x320 JPEGs (the ones `deitlt bench data` makes) in 8
     shards, and a teacher file with random ResNet-50 weights in ``root/teacher``."""
-    from deitlt_scale.benchmarks.data import _generate
+    from deitlt_scale.benchmarks.data import generate_shards
     from deitlt_scale.benchmarks.synthetic import write_random_teacher
 
     root.mkdir(parents=True, exist_ok=True)
-    _generate(root, images, 8, 256, 320, num_classes=classes)
+    generate_shards(root, images, 8, 256, 320, num_classes=classes)
     teacher = write_random_teacher(root / "teacher", "resnet50", classes, 224)
     print(f"dataset: {images} images, {classes} classes in {root}; teacher: {teacher}")
     return 0

@@ -93,7 +93,7 @@ def register(parser: argparse.ArgumentParser) -> None:
     )
 
 
-def _generate(
+def generate_shards(
     root: Path, count: int, shards: int, height: int, width: int, num_classes: int = 10
 ) -> None:
     """Write ``count`` smooth random JPEGs (natural-image-like sizes) as a prepared dataset."""
@@ -208,7 +208,7 @@ def run(args: argparse.Namespace) -> int:
     with tempfile.TemporaryDirectory(prefix="deitlt-bench-data-") as tmp:
         if args.shards is None:
             root, origin = Path(tmp), "generated"
-            _generate(root, needed, max(4, 2 * args.threads), *args.source_size)
+            generate_shards(root, needed, max(4, 2 * args.threads), *args.source_size)
         else:
             root, origin = args.shards, str(args.shards)
         meta = meta_io.load(root)

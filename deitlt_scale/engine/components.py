@@ -48,7 +48,8 @@ def build_train_loader(cfg: Config, meta: DatasetMeta, steps: Steps, world: Worl
     )
 
 
-def build_eval_loader(cfg: Config, meta: DatasetMeta, world: World) -> Any:
+def build_eval_loader(cfg: Config, meta: DatasetMeta, world: World, split: str = "eval") -> Any:
+    """The loader of an evaluation split (``eval``: the test split; ``val``: held out)."""
     from deitlt_scale.data.loader import EvalLoader
 
     return EvalLoader(
@@ -58,4 +59,5 @@ def build_eval_loader(cfg: Config, meta: DatasetMeta, world: World) -> Any:
         rank=world.rank,
         world_size=world.world_size,
         device=world.device,
+        split=split,
     )

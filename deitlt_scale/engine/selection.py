@@ -31,17 +31,9 @@ def build_val_loader(cfg: Any, meta: Any, world: Any) -> Any | None:
     """The eval loader of the val split, or None when the dataset has none."""
     if selection_split(meta) != "val":
         return None
-    from deitlt_scale.data.loader import EvalLoader
+    from deitlt_scale.engine.components import build_eval_loader
 
-    return EvalLoader(
-        meta,
-        cfg.data,
-        micro_batch=cfg.eval.micro_batch,
-        rank=world.rank,
-        world_size=world.world_size,
-        device=world.device,
-        split="val",
-    )
+    return build_eval_loader(cfg, meta, world, split="val")
 
 
 def evaluate_selection(
