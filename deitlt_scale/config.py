@@ -602,6 +602,8 @@ def resolve_steps(cfg: Config, train_samples: int, world_size: int) -> Steps:
             f"micro-batches of {t.micro_batch}), but mixup needs an even batch; change "
             "train.micro_batch, the world size or data.epoch_multiple"
         )
+    if cfg.paco.enabled:
+        _check_paco_batches(cfg, per_rank, last, world_size)
     total = steps_per_epoch * t.epochs
     if t.max_steps is not None:
         total = min(total, t.max_steps)
@@ -618,6 +620,24 @@ def resolve_steps(cfg: Config, train_samples: int, world_size: int) -> Steps:
         micro_batch=t.micro_batch,
         grad_accum=t.grad_accum,
     )
+
+
+def _check_paco_batches(cfg: Config, per_rank: int, last: int, world_size: int) -> None:
+    """PaCo's key queue takes whole global batches: every micro-batch full (the reference's
+    ``drop_last=True``) and ``moco_k`` a multiple of the global micro-batch."""
+    micro, k = cfg.train.micro_batch, cfg.paco.moco_k
+    if last != micro:
+        raise ConfigError(
+            f"the last micro-batch of an epoch holds {last} images ({per_rank} per rank in "
+            f"micro-batches of {micro}), but PaCo's queue takes full batches; set "
+            f"data.epoch_multiple={micro * world_size} (micro_batch x {world_size} processes: "
+            "the partial batch is dropped, as the reference's drop_last)"
+        )
+    if k % (micro * world_size):
+        raise ConfigError(
+            f"paco.moco_k={k} is not a multiple of the global micro-batch {micro * world_size} "
+            f"(micro_batch {micro} x {world_size} processes); change one of them"
+        )
 
 
 # --------------------------------------------------------------------------------------------

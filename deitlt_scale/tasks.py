@@ -19,7 +19,13 @@ Kinds (chosen by :func:`task_class` from ``train.task`` and ``model.distilled``)
                 the teacher's hard label on the same augmented, mixed batch, DRW on DIST
 ``vit``         the plain ViT baseline: CLS token only, no teacher
 ``teacher``     a CNN teacher trained with LDAM or CE (optionally DRW), on unmixed images
+``paco``        a CNN teacher trained with PaCo (``paco.enabled``): the MoCo container on two
+                views of each image, saved as the plain classifier network students load
 =============== ==================================================================================
+
+A step runs :meth:`Task.forward` (the engine's forward, twice under SAM: ``again=True`` the
+second time), :meth:`Task.loss`, and after the engine's step :meth:`Task.after_micro_step`
+(PaCo's queue takes the batch's keys there).
 """
 
 from __future__ import annotations
@@ -50,6 +56,7 @@ class MicroBatch:
     images: Tensor  # (B, 3, H, W), mixed when the rule mixes
     labels: Tensor  # (B,) ground-truth model labels of the unmixed samples
     targets: Tensor | None  # (B, K) soft targets (mixed and/or smoothed); None: hard labels
+    key_images: Tensor | None = None  # (B, 3, H, W) the second view (PaCo's keys), if any
 
 
 class Task:
@@ -82,8 +89,20 @@ class Task:
     def model_spec(self) -> dict[str, Any]:
         raise NotImplementedError
 
+    def train_views(self) -> Any:
+        """The train loader's two-view setting (:class:`deitlt_scale.data.dali.ContrastViews`),
+        or None: one augmented image per sample."""
+        return None
+
     def inputs(self, batch: Batch, seed: int, drw: bool) -> MicroBatch:
         raise NotImplementedError
+
+    def forward(self, model: Model, mb: MicroBatch, dtype: torch.dtype, again: bool = False) -> Any:
+        """The training forward of ``mb``; ``again``: SAM's second pass over the same batch."""
+        return model(mb.images.to(dtype))
+
+    def after_micro_step(self, model: Model, out: Any, mb: MicroBatch) -> None:
+        """Called after the engine's step of each micro-batch (state outside the gradient)."""
 
     def loss(
         self, out: Any, mb: MicroBatch, teacher_logits: Tensor | None, drw: bool
@@ -243,13 +262,6 @@ class TeacherTask(Task):
 
     @classmethod
     def check(cls, cfg: Config) -> None:
-        if cfg.paco.enabled:
-            raise ConfigError(
-                "paco.enabled: training a PaCo teacher (two augmented views per image through "
-                "the MoCo container) is not part of `deitlt teacher train` yet; train L-D-SAM "
-                "(recipes/teacher_ldsam_*.yaml) or import a PaCo checkpoint with "
-                "`deitlt teacher import --format paco`"
-            )
         mix = cfg.data.mixup
         if mix.prob > 0 and (mix.mixup_alpha > 0 or mix.cutmix_alpha > 0):
             raise ConfigError(
@@ -306,24 +318,136 @@ class TeacherTask(Task):
             std=tuple(cfg.data.std),
             normed=self._normed,
             label_space="model",
-            source=f"deitlt teacher train ({run_dir})",
+            source=f"deitlt {self.command} ({run_dir})",
         )
         out = Path(run_dir) / "teacher"
-        save_teacher(out, module.float(), info)
+        save_teacher(out, self.teacher_network(module).float(), info)
         return out
+
+    def teacher_network(self, module: nn.Module) -> nn.Module:
+        """The network a student's teacher file holds."""
+        return module
+
+
+class PaCoTask(TeacherTask):
+    """A PaCo teacher (Cui et al. 2021), optionally with SAM: the MoCo container
+    (:class:`deitlt_scale.models.moco.MoCo`) trained on a query and a key view of each image
+    with :class:`deitlt_scale.losses.PaCoLoss`; evaluated and saved as its inference network,
+    ``linear(pooled feature of encoder_q)``, the teacher ``teacher import --format paco`` makes.
+
+    Per micro-batch: the key encoder's momentum update, the forward (queries, keys, the queue as
+    it stands), the loss, SAM's second pass over the same keys and queue, the step, and then the
+    batch's keys into the queue.
+    """
+
+    name = "paco"
+
+    def __init__(self, cfg: Config, meta: DatasetMeta, device: torch.device | None = None) -> None:
+        from deitlt_scale.losses import PaCoLoss
+
+        Task.__init__(self, cfg, meta)
+        self.objective = PaCoLoss(cfg.paco, meta.train_counts)
+        self._normed = False  # PaCo's classifier is a plain linear layer
+
+    @classmethod
+    def check(cls, cfg: Config) -> None:
+        from deitlt_scale.models.moco import PACO_ARCHS
+
+        super().check(cfg)
+        if cfg.model.arch not in PACO_ARCHS:
+            raise ConfigError(
+                f"model.arch={cfg.model.arch!r}: PaCo trains {' or '.join(PACO_ARCHS)} (the "
+                "published MoCo containers)"
+            )
+        if cfg.deepspeed.zero_stage == 3:
+            raise ConfigError(
+                "deepspeed.zero_stage=3 with paco.enabled: the key encoder's momentum update "
+                "reads every query parameter on every rank; use ZeRO 0-2"
+            )
+        if cfg.distill.drw_epoch is not None:
+            raise ConfigError(
+                "distill.drw_epoch with paco.enabled: PaCo re-balances through its log-prior "
+                "term, not DRW; leave distill.drw_epoch unset"
+            )
+
+    def build_model(self) -> nn.Module:
+        from deitlt_scale.models.moco import MoCo
+
+        p = self.cfg.paco
+        return MoCo(
+            self.cfg.model.arch,
+            self.num_classes,
+            moco_dim=p.moco_dim,
+            moco_k=p.moco_k,
+            moco_m=p.moco_m,
+            feat_dim=p.feat_dim,
+            mlp=p.mlp,
+        )
+
+    def model_spec(self) -> dict[str, Any]:
+        p = self.cfg.paco
+        return {
+            **super().model_spec(),
+            "model_args": {"moco_dim": p.moco_dim, "moco_k": p.moco_k, "mlp": p.mlp},
+            "container": "moco",
+        }
+
+    def train_views(self) -> Any:
+        from deitlt_scale.data.dali import ContrastViews
+
+        p = self.cfg.paco
+        return ContrastViews(p.views, p.randaug_n, float(p.randaug_m))
+
+    def inputs(self, batch: Batch, seed: int, drw: bool) -> MicroBatch:
+        if batch.key_images is None:
+            raise RuntimeError("a PaCo micro-batch needs the loader's key view (train_views)")
+        return MicroBatch(batch.images, batch.labels, None, key_images=batch.key_images)
+
+    def forward(self, model: Model, mb: MicroBatch, dtype: torch.dtype, again: bool = False) -> Any:
+        if not again:  # SAM's second pass sees the same key encoder
+            _moco(model).momentum_update()
+        return model(mb.images.to(dtype), mb.key_images.to(dtype), mb.labels)
+
+    def after_micro_step(self, model: Model, out: Any, mb: MicroBatch) -> None:
+        _moco(model).enqueue(out.keys.detach(), mb.labels)
+
+    def loss(
+        self, out: Any, mb: MicroBatch, teacher_logits: Tensor | None, drw: bool
+    ) -> dict[str, Tensor]:
+        return self.objective(out.features, out.labels, out.logits)
+
+    def describe(self) -> str:
+        p, sam = self.cfg.paco, self.cfg.optim.sam_rho
+        extra = f", SAM rho {sam}" if sam > 0 else ""
+        return (
+            f"{self.name} ({self.cfg.model.arch}, views {p.views}, queue {p.moco_k}, "
+            f"alpha {p.alpha}, t {p.temperature}{extra})"
+        )
+
+    def teacher_network(self, module: nn.Module) -> nn.Module:
+        from deitlt_scale.models.moco import teacher_from_moco
+
+        return teacher_from_moco(_moco(module))
+
+
+def _moco(model: Model) -> Any:
+    """The MoCo container inside a DeepSpeed engine and/or torch.compile wrapper."""
+    module = getattr(model, "module", model)
+    return getattr(module, "_orig_mod", module)
 
 
 # --------------------------------------------------------------------------------------------
 # Choosing and building
 
 
-TASKS: dict[str, type[Task]] = {t.name: t for t in (DeiTLTTask, ViTTask, TeacherTask)}
+TASKS: dict[str, type[Task]] = {t.name: t for t in (DeiTLTTask, ViTTask, TeacherTask, PaCoTask)}
 
 
 def task_class(cfg: Config) -> type[Task]:
-    """The kind of run a config describes: ``train.task`` and, for students, the DIST token."""
+    """The kind of run a config describes: ``train.task`` (with ``paco.enabled`` for teachers)
+    and, for students, the DIST token."""
     if cfg.train.task == "teacher":
-        return TeacherTask
+        return PaCoTask if cfg.paco.enabled else TeacherTask
     return DeiTLTTask if cfg.model.distilled else ViTTask
 
 

@@ -19,7 +19,15 @@ from PIL import Image
 
 from deitlt_scale.config import IMAGENET_MEAN, IMAGENET_STD, DataConfig
 from deitlt_scale.data import meta as meta_io
-from deitlt_scale.data.dali import LABEL_BYTES, RA_BINS, timm_increasing_suite
+from deitlt_scale.data.dali import (
+    LABEL_BYTES,
+    RA_BINS,
+    ContrastViews,
+    colour_views,
+    cutout,
+    gaussian_blur,
+    timm_increasing_suite,
+)
 from deitlt_scale.data.loader import (
     EvalLoader,
     ShardError,
@@ -762,3 +770,77 @@ def test_bench_data_measures_both_loaders_and_prints_the_ratio_last(capsys) -> N
     at_start, ahead = (float(v) for v in epoch_start.groups())
     assert at_start > 0 and ahead > 0
     assert float(ahead_ratio.group(1)) == pytest.approx(ahead / at_start, abs=0.006)
+
+
+# --------------------------------------------------------------------------------------------
+# PaCo's two views
+
+
+@pytest.mark.parametrize("kind", ["cifar", "randcls_sim"])
+def test_two_views_are_independent_augmentations_of_each_batch_image(
+    colours: DatasetMeta, kind: str
+) -> None:
+    loader = train_loader(colours, make_config(), views=ContrastViews(kind))
+    seen = []
+    for batch in loader.epoch(0):
+        assert batch.key_images is not None
+        assert batch.images.shape == batch.key_images.shape == (4, 3, SIZE, SIZE)
+        assert batch.labels.tolist() == batch.samples.tolist()  # the label is the sample id
+        assert not torch.allclose(batch.images, batch.key_images)
+        seen += batch.labels.tolist()
+    assert sorted(seen) == list(range(N_TRAIN))  # every image once per epoch, as two views
+
+
+def test_two_views_refuse_repeated_augmentation(colours: DatasetMeta) -> None:
+    with pytest.raises(UserError, match="data.repeated_aug=3: two-view"):
+        train_loader(colours, make_config(repeated_aug=3), views=ContrastViews("cifar"))
+
+
+def _run_on(image: np.ndarray, op: Callable, samples: int = 16) -> list[np.ndarray]:
+    """``op`` applied to ``samples`` copies of the uint8 HWC ``image`` in one DALI batch."""
+
+    @pipeline_def(batch_size=samples, num_threads=1, device_id=None, seed=3)
+    def pipe():
+        data = fn.external_source(
+            source=lambda: [image] * samples, batch=True, dtype=types.UINT8, layout="HWC"
+        )
+        return op(data)
+
+    p = pipe(enable_conditionals=True)
+    p.build()
+    (out,) = p.run()
+    return [np.asarray(out[i]) for i in range(samples)]
+
+
+def test_cutout_blacks_out_one_clipped_16_pixel_square_per_image() -> None:
+    image = np.full((SIZE, SIZE, 3), 200, dtype=np.uint8)
+    corners = set()
+    for out in _run_on(image, lambda x: cutout(x, SIZE)):
+        black = (out == 0).all(axis=2)
+        rows, cols = np.flatnonzero(black.any(axis=1)), np.flatnonzero(black.any(axis=0))
+        assert black[rows[0] : rows[-1] + 1, cols[0] : cols[-1] + 1].all()  # one rectangle
+        assert black.sum() == len(rows) * len(cols)
+        assert 8 <= len(rows) <= 16 and 8 <= len(cols) <= 16  # 16, clipped at the border
+        assert (out[~black] == 200).all()  # nothing else changes
+        corners.add((rows[0], cols[0]))
+    assert len(corners) > 8  # the centre is drawn per image
+
+
+def test_grayscale_gives_rec601_luma_and_no_jitter_leaves_the_image_as_it_is() -> None:
+    rng = np.random.default_rng(0)
+    image = rng.integers(0, 256, (SIZE, SIZE, 3), dtype=np.uint8)
+    luma = image.astype(float) @ np.array([0.299, 0.587, 0.114])
+    for out in _run_on(image, lambda x: colour_views(x, 0.0, 0.0, grayscale_p=1.0), 4):
+        assert np.abs(out.astype(float) - luma[..., None]).max() <= 1.5
+    for out in _run_on(image, lambda x: colour_views(x, 0.0, 0.1, grayscale_p=0.0), 4):
+        assert np.abs(out.astype(int) - image.astype(int)).max() <= 1
+
+
+def test_gaussian_blur_smooths_when_applied_and_not_otherwise() -> None:
+    rng = np.random.default_rng(0)
+    image = rng.integers(0, 256, (SIZE, SIZE, 3), dtype=np.uint8)
+    outs = _run_on(image, lambda x: gaussian_blur(x, p=0.5), 32)
+    unchanged = [o for o in outs if np.array_equal(o, image)]
+    blurred = [o for o in outs if not np.array_equal(o, image)]
+    assert 4 <= len(unchanged) <= 28  # p = 0.5 per image
+    assert all(o.astype(float).std() < 0.9 * image.astype(float).std() for o in blurred)

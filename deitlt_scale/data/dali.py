@@ -30,6 +30,10 @@ Train graph (METHOD.md 4.2, timm ``transforms_imagenet_train``, in this order):
 6. normalise (``fn.crop_mirror_normalize``, NCHW float32);
 7. random erasing, pixel mode, one box (:func:`random_erase`), on the normalised image.
 
+With ``TrainGraph.views`` (PaCo teachers) steps 2-7 are replaced by one decode and two
+augmentations of each image, :func:`query_view` and :func:`key_view`, stacked as
+``(E, 2, 3, S, S)``.
+
 The train labels are read once by the loader (``sample_store``). The eval graph reads the shards
 with ``fn.readers.webdataset``; its labels are the ASCII decimal ``.cls`` bytes padded with zeros
 to :data:`LABEL_BYTES`, parsed to int64 on the torch side (``loader.parse_labels``).
@@ -45,7 +49,8 @@ import numpy as np
 from nvidia.dali import fn, pipeline_def, types
 from nvidia.dali import math as dmath
 from nvidia.dali.auto_aug import augmentations as aa
-from nvidia.dali.auto_aug.core import _Augmentation, augmentation, select, signed_bin
+from nvidia.dali.auto_aug import auto_augment
+from nvidia.dali.auto_aug.core import Policy, _Augmentation, augmentation, select, signed_bin
 from nvidia.dali.pipeline import do_not_convert
 
 LABEL_BYTES = 20  # an int64 has at most 19 decimal digits; zero bytes pad the rest
@@ -59,6 +64,16 @@ RA_OP_PROB = 0.5  # timm applies each drawn op with this probability
 RE_ATTEMPTS = 10  # timm RandomErasing tries this many boxes before giving up
 RE_AREA = (0.02, 1.0 / 3.0)
 RE_LOG_ASPECT = (math.log(0.3), math.log(1.0 / 0.3))
+
+
+@dataclass(frozen=True)
+class ContrastViews:
+    """PaCo's two views of each image (query, key), decoded once and augmented twice; see
+    :func:`query_view` and :func:`key_view`. ``kind`` is the published ``--aug`` setting."""
+
+    kind: str  # "cifar" | "randcls_sim"
+    randaug_n: int = 2  # randcls_sim: RandAugment ops of the query view
+    randaug_m: float = 10.0  # and their magnitude (timm's level scale, mstd 0.5)
 
 
 @dataclass(frozen=True)
@@ -79,6 +94,7 @@ class TrainGraph:
     crop: str = "random_resized"  # or "pad_crop": zero-pad ``pad`` px, random size x size crop
     pad: int = 4
     color_jitter: float = 0.0  # brightness/contrast/saturation factors in [1 - c, 1 + c]
+    views: ContrastViews | None = None  # two views per image (PaCo) instead of the recipe above
 
 
 @dataclass(frozen=True)
@@ -424,14 +440,166 @@ def _augment(images, graph: TrainGraph, decoded: bool, device: str):
     return images
 
 
+# --------------------------------------------------------------------------------------------
+# PaCo's two views (PaCo/LT ``paco_cifar.py`` / ``paco_lt.py``, ``--aug cifar100`` / ``randcls_sim``)
+
+AUTOAUG_TRANSLATE = 150.0 / 331.0  # AutoAugment's largest shift, as a fraction of the side
+AUTOAUG_FILL = 128  # the policy's fill colour (128, 128, 128)
+CUTOUT_LENGTH = 16
+VIEW_JITTER = 0.4  # brightness, contrast and saturation strength of the views' colour jitter
+BLUR_SIGMA = (0.1, 2.0)
+
+
+def cifar10_policy() -> Policy:
+    """AutoAugment's CIFAR-10 policy (DALI's ``reduced_cifar10``: the paper's 25 sub-policies),
+    translating by up to 150/331 of the side; its equalize and sharpness run as the non-deprecated
+    ops of :func:`timm_increasing_suite`."""
+    published = auto_augment.get_reduced_cifar10_policy(
+        use_shape=True, max_translate_rel=AUTOAUG_TRANSLATE
+    )
+    sharpness = _sharpness.augmentation(
+        mag_range=(0.1, 1.9), randomly_negate=False, mag_to_param=aa.sharpness_kernel_shifted
+    )
+    replace = {"equalize": _equalize, "sharpness": sharpness}
+    return Policy(
+        name="Cifar10Policy",
+        num_magnitude_bins=published.num_magnitude_bins,
+        sub_policies=[
+            [(replace.get(aug.name, aug), p, mag) for aug, p, mag in sub]
+            for sub in published.sub_policies
+        ],
+    )
+
+
+def _random_apply(p: float):
+    """1 with probability ``p``, else 0 (per sample, float): gates a factor without a split."""
+    return fn.cast(fn.random.coin_flip(probability=p), dtype=types.FLOAT)
+
+
+def _jitter(strength: float, applied):
+    """A factor from U[max(0, 1 - s), 1 + s] where ``applied`` is 1, exactly 1 elsewhere."""
+    drawn = fn.random.uniform(range=[max(0.0, 1.0 - strength), 1.0 + strength])
+    return applied * (drawn - 1.0) + 1.0
+
+
+def colour_views(images, jitter_p: float, hue: float, grayscale_p: float):
+    """torchvision's ``RandomApply([ColorJitter(.4, .4, .4, hue)], p=jitter_p)`` followed by
+    ``RandomGrayscale(p=grayscale_p)``, as one ``fn.color_twist`` per sample: every factor is 1
+    where the jitter is not applied, and the saturation is 0 where the image turns grey (the same
+    Rec. 601 luma as torchvision's grayscale). torchvision applies the four jitters in a random
+    order; here their order is fixed."""
+    applied = _random_apply(jitter_p)
+    grey = _random_apply(grayscale_p)
+    factors = {
+        "brightness": _jitter(VIEW_JITTER, applied),
+        "contrast": _jitter(VIEW_JITTER, applied),
+        "saturation": _jitter(VIEW_JITTER, applied) * (1.0 - grey),
+    }
+    if hue > 0:
+        factors["hue"] = fn.random.uniform(range=[-360.0 * hue, 360.0 * hue]) * applied
+    return fn.color_twist(images, **factors)
+
+
+def gaussian_blur(images, p: float = 0.5):
+    """MoCo v2's ``GaussianBlur(sigma ~ U[0.1, 2])`` applied with probability ``p``."""
+    if fn.random.coin_flip(probability=p, dtype=types.BOOL):
+        images = fn.gaussian_blur(images, sigma=fn.random.uniform(range=list(BLUR_SIGMA)))
+    return images
+
+
+def cutout(images, size: int, length: int = CUTOUT_LENGTH):
+    """PaCo's ``Cutout(n_holes=1, length)`` on uint8 HWC ``size`` x ``size`` images: a
+    ``length`` square centred on a uniformly drawn pixel, clipped to the image, set to 0."""
+    centre = [float(v) for v in range(size)]
+    cy, cx = fn.random.uniform(values=centre), fn.random.uniform(values=centre)
+    half = float(length // 2)
+    y0, y1 = dmath.clamp(cy - half, 0.0, size), dmath.clamp(cy + half, 0.0, size)
+    x0, x1 = dmath.clamp(cx - half, 0.0, size), dmath.clamp(cx + half, 0.0, size)
+    return fn.erase(
+        images,
+        anchor=fn.stack(y0, x0),
+        shape=fn.stack(y1 - y0, x1 - x0),
+        axis_names="HW",
+        fill_value=0,
+    )
+
+
+def _resized_crop(images, size: int, scale: tuple[float, float]):
+    return fn.random_resized_crop(
+        images,
+        size=(size, size),
+        random_area=list(scale),
+        random_aspect_ratio=[3.0 / 4.0, 4.0 / 3.0],
+        num_attempts=10,
+        interp_type=types.INTERP_CUBIC,
+        antialias=True,
+    )
+
+
+def _flip(images):
+    return fn.flip(images, horizontal=fn.random.coin_flip(probability=0.5), vertical=0)
+
+
+def query_view(images, graph: TrainGraph):
+    """The query view, on decoded uint8 HWC images; normalised CHW float32 out.
+
+    * ``cifar``: RandomCrop(S, padding ``graph.pad``), flip, AutoAugment's CIFAR-10 policy (DALI's
+      ``reduced_cifar10``: the same 25 sub-policies; translation up to 150/331 of the side, fill
+      128), Cutout(16);
+    * ``randcls_sim``: RandomResizedCrop(S, scale 0.08-1), flip, ColorJitter(.4, .4, .4, 0)
+      always, RandAugment ``n{randaug_n} m{randaug_m} mstd0.5`` (:func:`timm_rand_augment`).
+    """
+    views, size = graph.views, graph.image_size
+    if views.kind == "cifar":
+        images = fn.resize(
+            images, size=(size, size), interp_type=types.INTERP_CUBIC, antialias=True
+        )
+        images = _flip(pad_crop(images, size, graph.pad))
+        images = auto_augment.apply_auto_augment(
+            cifar10_policy(), images, shape=(size, size), fill_value=AUTOAUG_FILL
+        )
+        images = cutout(images, size)
+    else:
+        images = _flip(_resized_crop(images, size, (0.08, 1.0)))
+        images = colour_views(images, jitter_p=1.0, hue=0.0, grayscale_p=0.0)
+        fill = round(255.0 * sum(graph.mean) / 3.0)
+        images = timm_rand_augment(
+            images, views.randaug_n, views.randaug_m, graph.randaugment_mstd, size, fill
+        )
+    return fn.crop_mirror_normalize(images, **_normalise_args(graph.mean, graph.std))
+
+
+def key_view(images, graph: TrainGraph):
+    """The key view (MoCo v2's "sim" augmentation), on decoded uint8 HWC images:
+
+    * ``cifar``: RandomResizedCrop(S, scale 0.2-1), flip, ColorJitter(.4, .4, .4, .1) with
+      p=0.8, grayscale p=0.2, Gaussian blur p=0.5;
+    * ``randcls_sim``: RandomResizedCrop(S, scale 0.08-1), ColorJitter(.4, .4, .4, 0) always,
+      grayscale p=0.2, Gaussian blur p=0.5, flip.
+    """
+    size = graph.image_size
+    if graph.views.kind == "cifar":
+        images = _flip(_resized_crop(images, size, (0.2, 1.0)))
+        images = gaussian_blur(colour_views(images, jitter_p=0.8, hue=0.1, grayscale_p=0.2))
+    else:
+        images = _resized_crop(images, size, (0.08, 1.0))
+        images = colour_views(images, jitter_p=1.0, hue=0.0, grayscale_p=0.2)
+        images = _flip(gaussian_blur(images))
+    return fn.crop_mirror_normalize(images, **_normalise_args(graph.mean, graph.std))
+
+
 @pipeline_def(enable_conditionals=True)
 def train_pipeline(source: Callable, graph: TrainGraph, device: str):
     """Outputs ``images``: (E, 3, S, S) float32 for ``repeats == 1``, else (E, repeats, 3, S, S),
-    for the E encoded samples ``source(batch_info)`` returns (a list of 1-D uint8 arrays; it
-    raises StopIteration past the epoch's end)."""
+    and (E, 2, 3, S, S) (query, key) with ``graph.views``, for the E encoded samples
+    ``source(batch_info)`` returns (a list of 1-D uint8 arrays; it raises StopIteration past the
+    epoch's end)."""
     jpegs = fn.external_source(
         source=source, batch=True, batch_info=True, dtype=types.UINT8, ndim=1, name=ENCODED_NAME
     )
+    if graph.views is not None:
+        images = fn.decoders.image(jpegs, device=_decoder_device(device), output_type=types.RGB)
+        return fn.stack(query_view(images, graph), key_view(images, graph))
     if graph.repeats == 1:
         return _augment(jpegs, graph, decoded=False, device=device)
     images = fn.decoders.image(jpegs, device=_decoder_device(device), output_type=types.RGB)

@@ -45,7 +45,7 @@ import numpy as np
 import torch
 
 from deitlt_scale.config import DataConfig
-from deitlt_scale.data.dali import LABEL_BYTES, EvalGraph, TrainGraph, shard_range
+from deitlt_scale.data.dali import LABEL_BYTES, ContrastViews, EvalGraph, TrainGraph, shard_range
 from deitlt_scale.data.epoch_plan import EpochLayout, MicroBatch, epoch_plan
 from deitlt_scale.data.meta import DatasetMeta
 from deitlt_scale.data.sample_store import SampleStore, ShardError, open_store
@@ -62,6 +62,9 @@ class Batch:
     labels: torch.Tensor  # (B,) int64 model labels on the same device; -1 marks eval padding
     # (B,) int64 on the CPU: the stored index of each image's sample (train batches only)
     samples: torch.Tensor | None = None
+    # (B, 3, H, W): a second, independently augmented view of each image (PaCo's key view;
+    # ``images`` is then the query view); None for one-view recipes
+    key_images: torch.Tensor | None = None
 
 
 @dataclass(frozen=True)
@@ -310,13 +313,20 @@ class TrainLoader:
         seed: int,
         device: torch.device,
         define_ahead: bool = True,
+        views: ContrastViews | None = None,
     ) -> None:
         """``micro_batches_per_epoch``: ``Steps.micro_batches_per_epoch`` (None gives the same),
         or fewer to yield only the first ones (benchmarks). ``define_ahead=False`` defines each
         epoch's pipeline when the epoch starts (for measuring what defining it ahead saves:
-        ``deitlt bench data``)."""
+        ``deitlt bench data``). ``views``: two views of each image (query in ``Batch.images``,
+        key in ``Batch.key_images``) instead of the recipe's augmentation."""
         if not 0 <= rank < world_size:
             raise ValueError(f"rank {rank} outside world of {world_size}")
+        if views is not None and cfg.repeated_aug != 1:
+            raise UserError(
+                f"data.repeated_aug={cfg.repeated_aug}: two-view (PaCo) training reads every "
+                "image once per epoch; set data.repeated_aug=1"
+            )
         self.shards = check_shards(meta, "train")
         self.num_samples = meta.num_samples("train")
         self.layout = EpochLayout(
@@ -371,6 +381,7 @@ class TrainLoader:
             crop=a.crop,
             pad=a.pad,
             color_jitter=a.color_jitter,
+            views=views,
         )
 
     def __len__(self) -> int:
@@ -443,10 +454,12 @@ class TrainLoader:
         (E, repeats, 3, S, S) augmented entries unfolded and put in order (``once``)."""
         samples = torch.from_numpy(micro.positions())
         images = _to_device(images, self.device)
+        labels = _to_device(self.labels[samples], self.device)
+        if self.graph.views is not None:  # (E, 2, 3, S, S): query and key view per image
+            return Batch(images[:, 0], labels, samples, key_images=images[:, 1])
         if not self.per_copy:
             order = _to_device(torch.from_numpy(micro.order), self.device)
             images = images.reshape(-1, *images.shape[-3:]).index_select(0, order)
-        labels = _to_device(self.labels[samples], self.device)
         return Batch(images, labels, samples)
 
 

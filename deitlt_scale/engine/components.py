@@ -33,7 +33,10 @@ def build_engine(
     return engine
 
 
-def build_train_loader(cfg: Config, meta: DatasetMeta, steps: Steps, world: World) -> Any:
+def build_train_loader(
+    cfg: Config, meta: DatasetMeta, steps: Steps, world: World, views: Any = None
+) -> Any:
+    """The train loader; ``views`` (a task's ``train_views``) asks for two views per image."""
     from deitlt_scale.data.loader import TrainLoader
 
     return TrainLoader(
@@ -45,6 +48,7 @@ def build_train_loader(cfg: Config, meta: DatasetMeta, steps: Steps, world: Worl
         world_size=world.world_size,
         seed=cfg.train.seed,
         device=world.device,
+        views=views,
     )
 
 

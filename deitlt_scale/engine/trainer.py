@@ -99,7 +99,9 @@ class Trainer:
         )
         self.train_loader = self.eval_loader = self.val_loader = None
         if with_data:
-            self.train_loader = components.build_train_loader(cfg, self.meta, self.steps, world)
+            self.train_loader = components.build_train_loader(
+                cfg, self.meta, self.steps, world, views=self.task.train_views()
+            )
             self.eval_loader = components.build_eval_loader(cfg, self.meta, world)
             self.val_loader = selection.build_val_loader(cfg, self.meta, world)
         return self
@@ -183,7 +185,7 @@ class Trainer:
         mb = task.inputs(batch, seed, drw)
         # On CUDA the teacher runs on a side stream while the student's forward runs.
         teacher = task.teacher.launch(mb.images) if task.teacher is not None else None
-        out = self.engine(mb.images.to(self.compute_dtype))
+        out = task.forward(self.engine, mb, self.compute_dtype)
         parts = task.loss(out, mb, teacher.wait() if teacher is not None else None, drw)
         loss = parts["loss"]
         if cfg.train.on_nonfinite == "skip" and self._any_rank_nonfinite(loss):
@@ -209,6 +211,8 @@ class Trainer:
             for group in self.engine.optimizer.param_groups:
                 group["lr"] = 0.0
         self.engine.step()
+        if not self._step_skipped:
+            task.after_micro_step(self.engine, out, mb)
         return {k: v.detach() for k, v in parts.items()}
 
     # ---------------------------------------------------------------- pieces
@@ -221,7 +225,7 @@ class Trainer:
         rho = rho_at(step, optim, self.steps.steps_per_epoch)
         undo = sam_perturb(params, rho, optim.sam_adaptive)
         self.engine.optimizer.zero_grad()
-        out = self.engine(mb.images.to(self.compute_dtype))
+        out = self.task.forward(self.engine, mb, self.compute_dtype, again=True)
         self.engine.backward(self.task.loss(out, mb, None, drw)["loss"])
         sam_restore(params, undo)
 

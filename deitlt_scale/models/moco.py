@@ -215,8 +215,16 @@ class MoCo(nn.Module):
             keys=k,
         )
 
-    def forward(self, images: Tensor) -> Tensor:
-        """Inference: K-way logits ``linear(pooled feature of encoder_q)``."""
+    def forward(
+        self, images: Tensor, im_k: Tensor | None = None, labels: Tensor | None = None
+    ) -> Tensor | MoCoOutput:
+        """Inference ``model(images)``: K-way logits ``linear(pooled feature of encoder_q)``.
+        Training ``model(im_q, im_k, labels)``: :meth:`forward_train` (so that a DeepSpeed
+        engine, which calls the module, runs either)."""
+        if im_k is not None:
+            if labels is None:
+                raise ValueError("a training forward needs the labels with the key view")
+            return self.forward_train(images, im_k, labels)
         return self.linear(self.encoder_q.features(images))
 
 
