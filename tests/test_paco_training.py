@@ -136,3 +136,20 @@ def test_every_paco_recipe_trains_a_paco_task_in_whole_batches_at_its_world_size
         for train_images in (405, 10_847, 115_846, 437_513):  # digits, CIFAR-10-LT, IN-LT, iNat
             if train_images >= cfg.data.epoch_multiple:
                 config_mod.resolve_steps(cfg, train_images, world)
+
+
+def test_teacher_train_plans_a_paco_job_of_w_processes_without_building_it(
+    digits_lt: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from deitlt_scale.cli import main
+
+    argv = ["teacher", "train", str(RECIPE), f"data.shards={digits_lt}", "--dry-run"]
+    assert main([*argv, "--world-size", "2"]) == 0
+    out = capsys.readouterr().out
+    assert "2 process(es), paco run" in out
+    # floor(405 / 64) * 64 = 384 images per epoch: 192 per rank, three full micro-batches.
+    assert "3 micro-batches per rank (last of 64 images)" in out
+    assert main([*argv, "--world-size", "3"]) == 2
+    assert "paco.moco_k=256 is not a multiple of the global micro-batch 192" in (
+        capsys.readouterr().err
+    )

@@ -1,10 +1,12 @@
-"""`deitlt teacher`: train an LDAM-DRW+SAM CNN teacher (train) or import a published one (import)."""
+"""`deitlt teacher`: train a CNN teacher (LDAM-DRW or PaCo, optionally SAM) or import a published one."""
 
 from __future__ import annotations
 
 import argparse
 
-HELP = "train an LDAM-DRW+SAM CNN teacher (train) or import a published one (import)"
+from deitlt_scale.commands.train import add_world_size_argument
+
+HELP = "train a CNN teacher (LDAM-DRW / PaCo, optionally SAM) or import a published one"
 
 
 def register(parser: argparse.ArgumentParser) -> None:
@@ -13,7 +15,8 @@ def register(parser: argparse.ArgumentParser) -> None:
     train = sub.add_parser(
         "train",
         help="train a ResNet teacher from a recipe (train.task=teacher)",
-        description="Train a CNN teacher (LDAM-DRW, optionally SAM) from a YAML recipe; the "
+        description="Train a CNN teacher (LDAM-DRW or CE; PaCo with paco.enabled; optionally "
+        "SAM) from a YAML recipe; the "
         "result is a teacher directory under the run directory.",
     )
     train.add_argument("recipe", help="YAML recipe, e.g. recipes/teacher_digits.yaml")
@@ -28,6 +31,7 @@ def register(parser: argparse.ArgumentParser) -> None:
         action="store_true",
         help="resolve and print the configuration and step counts, then exit without training",
     )
+    add_world_size_argument(train)
 
     imp = sub.add_parser(
         "import",
@@ -92,12 +96,9 @@ def register(parser: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> int:
     if args.teacher_command == "train":
-        from deitlt_scale.commands.train import run_training
+        from deitlt_scale.commands.train import train_or_plan
 
-        return int(
-            run_training(args.recipe, args.overrides, command="teacher train", dry_run=args.dry_run)
-            or 0
-        )
+        return train_or_plan(args, "teacher train")
     return _import(args)
 
 

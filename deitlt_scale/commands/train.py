@@ -25,6 +25,15 @@ def register(parser: argparse.ArgumentParser) -> None:
         action="store_true",
         help="build everything, print the resolved config, world layout and batch, then exit",
     )
+    add_world_size_argument(parser)
+    parser.epilog = (
+        "Resumes automatically from the newest complete checkpoint in runtime.run_dir. "
+        "Exit status 75 means: stopped by a signal after a checkpoint; run again to resume."
+    )
+
+
+def add_world_size_argument(parser: argparse.ArgumentParser) -> None:
+    """``--world-size W`` of ``train`` and ``teacher train`` (see :func:`train_or_plan`)."""
     parser.add_argument(
         "--world-size",
         type=int,
@@ -34,20 +43,23 @@ def register(parser: argparse.ArgumentParser) -> None:
         "DRW step, peak lr, DeepSpeed config) from this machine, building nothing; needs only "
         "the dataset's meta.json",
     )
-    parser.epilog = (
-        "Resumes automatically from the newest complete checkpoint in runtime.run_dir. "
-        "Exit status 75 means: stopped by a signal after a checkpoint; run again to resume."
-    )
 
 
 def run(args: argparse.Namespace) -> int:
+    return train_or_plan(args, "train")
+
+
+def train_or_plan(args: argparse.Namespace, command: str) -> int:
+    """Train (or dry-run) the recipe; with ``--world-size``, only plan that job's layout."""
     if args.world_size is not None:
         from deitlt_scale.errors import UserError
 
         if not args.dry_run or args.world_size < 1:
             raise UserError("--world-size W (W >= 1) plans a job: use it with --dry-run")
-        return plan_layout(args.recipe, args.overrides, args.world_size, "train")
-    return run_training(args.recipe, args.overrides, dry_run=args.dry_run)
+        return plan_layout(args.recipe, args.overrides, args.world_size, command)
+    return int(
+        run_training(args.recipe, args.overrides, command=command, dry_run=args.dry_run) or 0
+    )
 
 
 def plan_layout(recipe, overrides, world_size: int, command: str) -> int:
