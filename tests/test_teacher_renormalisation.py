@@ -54,3 +54,19 @@ def test_equal_statistics_leave_the_batch_untouched() -> None:
     assert runner.affine is None
     with torch.no_grad():
         assert torch.equal(runner(images), teacher(images))
+
+
+def test_the_analysis_feeds_a_teacher_file_as_training_does(tmp_path) -> None:
+    from deitlt_scale.analysis.loading import load_teacher_model
+    from deitlt_scale.models.teacher_file import TeacherInfo, save_teacher
+
+    info = TeacherInfo(
+        arch="resnet32", num_classes=10, input_size=32, mean=TEACHER[0], std=TEACHER[1],
+        normed=False, label_space="model", source="test",
+    )  # fmt: skip
+    save_teacher(tmp_path / "teacher", _teacher(), info)
+    runner = load_teacher_model(tmp_path / "teacher", torch.device("cpu"), *STUDENT)
+    pixels = torch.rand(4, 3, 32, 32, generator=torch.Generator().manual_seed(2))
+    with torch.no_grad():
+        want = _teacher()(_normalise(pixels, TEACHER))
+    torch.testing.assert_close(runner(_normalise(pixels, STUDENT)), want, rtol=1e-4, atol=1e-4)

@@ -202,12 +202,25 @@ def _load_run(path: Path, tag: str | None) -> Subject:
     )
 
 
-def load_teacher_model(path: str | Path, device: torch.device) -> TeacherRunner:
-    """The frozen fp32 teacher of a teacher directory, fed as during training."""
+def load_teacher_model(
+    path: str | Path,
+    device: torch.device,
+    student_mean: tuple[float, ...],
+    student_std: tuple[float, ...],
+) -> TeacherRunner:
+    """The frozen fp32 teacher of a teacher directory, fed as during training: at its own input
+    size, the student's batch re-normalised to the teacher's statistics."""
     from deitlt_scale.models.teacher_file import load_teacher
 
     teacher, info = load_teacher(path, device, torch.float32, False)
-    return TeacherRunner(teacher, info.input_size)
+    return TeacherRunner(
+        teacher,
+        info.input_size,
+        student_mean=student_mean,
+        student_std=student_std,
+        teacher_mean=info.mean,
+        teacher_std=info.std,
+    )
 
 
 def teacher_path(subject: Subject, override: str | None) -> Path | None:

@@ -134,7 +134,8 @@ def run(args: argparse.Namespace) -> int:
     teacher = None
     if "entropy" in what:
         path = teacher_path(subject, args.teacher)
-        teacher = load_teacher_model(path, device) if path is not None else None
+        if path is not None:
+            teacher = load_teacher_model(path, device, subject.mean, subject.std)
     tracker = None
     if not args.no_mlflow and subject.run_dir is not None:
         tracker = open_tracker(subject.run_id, cfg.tracking if cfg else None, subject.run_dir)
