@@ -29,6 +29,11 @@ ratios print last.
 overrides (``teacher.side_stream=false``, ``optim.fused=false``, ``model.compile_mode=...``) and
 measured in the same rounds, so one run gives what each optimisation is worth
 (``ratio step[...]/step``).
+
+``--overhead`` measures something else: the framework's cost per step over a plain torch loop
+doing exactly the same work (same weights, batches, teacher, mixup, objective, AdamW groups and
+lr; fp32, eager), the recipe's step (``--recipe``, default ``recipes/tiny_digits.yaml``) on
+in-memory batches; see :mod:`~deitlt_scale.benchmarks.overhead`.
 """
 
 from __future__ import annotations
@@ -58,7 +63,10 @@ from deitlt_scale.benchmarks.synthetic import (
     write_random_teacher,
 )
 
-HELP = "images/s, model FLOPs and MFU of the training step vs the reference recipe"
+HELP = (
+    "images/s, model FLOPs and MFU of the training step vs the reference recipe; --overhead: "
+    "ms/step of the framework's step vs a plain torch loop doing the same work"
+)
 
 TEACHERS = ("resnet50", "resnet32", "none")
 MODEL_KEYS = ("patch_size", "embed_dim", "depth", "num_heads", "drop_path", "distilled")
@@ -78,10 +86,33 @@ def register(parser: argparse.ArgumentParser) -> None:
         help="prepared dataset directory (meta.json): the step reads it through DALI, the "
         "reference through the CPU-side timm loader",
     )
+    source.add_argument(
+        "--overhead",
+        action="store_true",
+        help="the framework's step (Trainer + DeepSpeed engine, built from --recipe) against a "
+        "plain torch loop doing the same work (same weights, in-memory batches, teacher, mixup, "
+        "DeiTLTObjective, AdamW groups and lr; fp32): ms/step of both, alternating rounds, the "
+        "ratio framework/plain last; fails when the two sides' weights disagree afterwards",
+    )
+    parser.add_argument(
+        "--recipe",
+        type=Path,
+        default=None,
+        help="with --overhead: the recipe whose step is measured (default recipes/tiny_digits.yaml"
+        "); --model, --model-args, --batch, --image-size and --zero override it",
+    )
+    parser.add_argument(
+        "--breakdown",
+        action="store_true",
+        help="with --overhead: more alternating rounds with every part of both steps timed "
+        "(engine forward/backward/step, ZeRO optimizer, flag exchange, StepWindow, lr, ...), "
+        "printed as ms/step per part",
+    )
     parser.add_argument(
         "--model",
-        default="deit_base_distilled_patch16_224",
-        help="student architecture (a timm DeiT name; default deit_base_distilled_patch16_224)",
+        default=None,
+        help="student architecture (a timm DeiT name; default deit_base_distilled_patch16_224, "
+        "with --overhead the recipe's)",
     )
     parser.add_argument(
         "--model-args",
@@ -93,18 +124,28 @@ def register(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--teacher",
         choices=TEACHERS,
-        default="resnet50",
-        help="frozen teacher (random weights) run on every batch; none: no distillation",
+        default=None,
+        help="frozen teacher (random weights) run on every batch; none: no distillation "
+        "(default resnet50, with --overhead resnet32)",
     )
-    parser.add_argument("--batch", type=int, default=128, help="images per step (default 128)")
     parser.add_argument(
-        "--image-size", type=int, default=224, help="student and teacher input side in px (224)"
+        "--batch",
+        type=int,
+        default=None,
+        help="images per step (default 128; with --overhead the recipe's train.micro_batch)",
+    )
+    parser.add_argument(
+        "--image-size",
+        type=int,
+        default=None,
+        help="student and teacher input side in px (224; with --overhead the recipe's)",
     )
     parser.add_argument(
         "--classes",
         type=int,
-        default=1000,
-        help="number of classes with --synthetic (default 1000; --shards uses the dataset's)",
+        default=None,
+        help="number of classes with --synthetic (default 1000) and --overhead (default 10); "
+        "--shards uses the dataset's",
     )
     parser.add_argument("--steps", type=int, default=10, help="timed steps per round (10)")
     parser.add_argument(
@@ -137,7 +178,11 @@ def register(parser: argparse.ArgumentParser) -> None:
         "for cpu, whose bf16 is emulated)",
     )
     parser.add_argument(
-        "--zero", type=int, choices=(0, 1, 2, 3), default=1, help="DeepSpeed ZeRO stage (1)"
+        "--zero",
+        type=int,
+        choices=(0, 1, 2, 3),
+        default=None,
+        help="DeepSpeed ZeRO stage (default 1; with --overhead the recipe's)",
     )
     parser.add_argument(
         "--reference-amp",
@@ -265,22 +310,60 @@ class StepRecipe:
 # Command
 
 
+# Defaults of the throughput comparison; with --overhead the recipe gives them instead.
+THROUGHPUT_DEFAULTS = {
+    "model": "deit_base_distilled_patch16_224",
+    "teacher": "resnet50",
+    "batch": 128,
+    "image_size": 224,
+    "classes": 1000,
+    "zero": 1,
+}
+
+
 def _check_args(args: argparse.Namespace) -> None:
     from deitlt_scale import config as config_mod
     from deitlt_scale.errors import UserError
 
+    if args.overhead:
+        _check_overhead_args(args)
+    else:
+        for flag in ("recipe", "breakdown"):
+            if getattr(args, flag):
+                raise UserError(f"--{flag} needs --overhead")
+        for key, value in THROUGHPUT_DEFAULTS.items():
+            if getattr(args, key) is None:
+                setattr(args, key, value)
     for flag in ("batch", "steps", "rounds", "image_size", "classes", "threads"):
-        if getattr(args, flag) < 1:
+        value = getattr(args, flag)
+        if value is not None and value < 1:
             raise UserError(f"--{flag.replace('_', '-')} must be >= 1")
     if args.warmup < 1:
         raise UserError("--warmup must be >= 1 (the first step builds caches and compiles)")
-    if args.batch % 2:
+    if args.batch is not None and args.batch % 2:
         raise UserError(f"--batch must be even (mixup pairs sample i with B-1-i), got {args.batch}")
     if args.shards is not None and not (args.shards / "meta.json").is_file():
         raise UserError(f"--shards {args.shards} holds no meta.json; prepare it with deitlt data")
     model_overrides(args.model_args)  # a bad KEY=VALUE fails before anything is built
     for variant in args.ablate:  # unknown keys and bad values, before anything is built
         config_mod.load(None, list(ablation_overrides(variant)))
+
+
+def _check_overhead_args(args: argparse.Namespace) -> None:
+    """--overhead compares fp32 eager steps on in-memory batches: the throughput comparison's
+    own flags do not apply to it."""
+    from deitlt_scale.benchmarks.overhead import DEFAULT_RECIPE
+    from deitlt_scale.errors import UserError
+
+    if args.ablate or args.bf16 or args.compile or args.reference_amp != "auto":
+        raise UserError(
+            "--overhead compares fp32 eager steps; drop --ablate, --bf16, --compile and "
+            "--reference-amp (the recipe gives the rest)"
+        )
+    if args.recipe is None:
+        args.recipe = DEFAULT_RECIPE
+    if not args.recipe.is_file():
+        raise UserError(f"--recipe {args.recipe} does not exist")
 
 
 def _describe_student(trainer) -> str:
@@ -333,7 +416,16 @@ def run(args: argparse.Namespace) -> int:
         if world.world_size != 1:
             raise UserError("deitlt bench step runs as one process; start it without torchrun/srun")
         with tempfile.TemporaryDirectory(prefix="deitlt-bench-step-") as tmp:
-            _bench(args, world, Path(tmp))
+            if args.overhead:
+                from deitlt_scale.benchmarks.overhead import OverheadFailed, run_overhead
+
+                try:
+                    run_overhead(args, world, Path(tmp))
+                except OverheadFailed as err:
+                    print(f"error: {err}", file=sys.stderr, flush=True)
+                    return 1
+            else:
+                _bench(args, world, Path(tmp))
     finally:
         if not was_initialised:
             shutdown_distributed()
