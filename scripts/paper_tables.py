@@ -133,7 +133,11 @@ TEACHERS: dict[str, Teacher] = {
     "paco_sam": Teacher("paco_sam", PACO_RECIPE, (), "ResNet-32, PaCo + SAM"),
 }
 
-_TABLE5 = "the paper's ablation of DeiT-LT-B (Table 5)"
+# What `distill.drw_epoch=null` switches off besides the DRW weights of the DIST loss.
+NO_DRW_NOTE = (
+    "no DRW: distill.drw_epoch=null, which also drops the recipe's mixup-free last epochs "
+    "(distill.no_mixup_drw acts in the DRW phase only)"
+)
 ROWS: dict[str, Row] = {
     r.name: r
     for r in (
@@ -149,10 +153,11 @@ ROWS: dict[str, Row] = {
             NO_DRW,
             PaperFigure("Table 5, row 1 (no OOD, no DRW, no SAM)", (70.2,), (31.3,),
                         "the paper's DeiT row uses a RegNetY-16GF teacher (Table 2)"),
+            NO_DRW_NOTE,
         ),
         Row(
             "ood", 5, "+ OOD distillation (weakly augmented CE teacher), no DRW", "ce_weak",
-            NO_DRW, PaperFigure("Table 5, row 2 (OOD)", (84.5,), (48.9,)),
+            NO_DRW, PaperFigure("Table 5, row 2 (OOD)", (84.5,), (48.9,)), NO_DRW_NOTE,
         ),
         Row(
             "ood_drw", 5, "+ DRW on the DIST loss", "ce_weak", (),
@@ -348,6 +353,8 @@ def execute(run: Run, label: str) -> None:
             f"paper_tables: error: {run.run_dir} was trained with other overrides "
             f"({shlex.join(timing['overrides'])}); use another --out or delete that directory"
         )
+    if _stop:  # a signal between two runs: start no new one
+        raise Interrupted
     if run.is_complete():
         print(
             f"{label}: skipped (complete), {timing.get('wall_s', 0.0):.0f} s recorded", flush=True
