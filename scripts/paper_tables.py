@@ -17,7 +17,9 @@ wall and CPU seconds of every attempt), from which the budget line is summed.
 
 ``--epochs``/``--teacher-epochs`` shorten the recipes and scale their epoch-denominated schedule
 (warm-up, DRW start, step milestones) in proportion; ``--set``/``--teacher-set`` add overrides to
-every student / teacher run (the test suite shrinks the grid with them).
+every student / teacher run (the test suite shrinks the grid with them). The environment is
+passed on: on a CPU shared with other jobs, OMP_NUM_THREADS=1 keeps torch's threads from
+oversubscribing the cores.
 """
 
 from __future__ import annotations
@@ -544,6 +546,9 @@ def write_rows(
 
 def write_plots(out: Path, rows: Sequence[Row], students: Mapping[str, dict[str, Aggregate]],
                 per_class_runs: Sequence[Run], data: Path) -> list[Path]:  # fmt: skip
+    """``plots/rows.png`` (each row's reported head, paper groups, error bars = sample std) and,
+    when ``per_class_runs`` (the seeds of one distilled row) are given,
+    ``plots/{row}_per_class.png``: per-class accuracy of CLS, DIST and the mean, over seeds."""
     plots = out / "plots"
     plots.mkdir(parents=True, exist_ok=True)
     bars: dict[str, dict[str, tuple[float, float]]] = {}
@@ -563,8 +568,9 @@ def write_plots(out: Path, rows: Sequence[Row], students: Mapping[str, dict[str,
         mean_acc = {h: np.nanmean(np.stack(v), axis=0) for h, v in accs.items()}
         bands = group_bands(meta.train_counts, meta.groups["paper"])
         fig = plot_per_class(meta.train_counts, mean_acc, bands, GROUP_NAMES)
-        fig.axes[0].set_title(f"Row deitlt, mean over {len(per_class_runs)} seed(s)")
-        written.append(plots / "deitlt_per_class.png")
+        name = per_class_runs[0].kind
+        fig.axes[0].set_title(f"Row {name}, mean over {len(per_class_runs)} seed(s)")
+        written.append(plots / f"{name}_per_class.png")
         save_figure(fig, written[-1])
     return written
 

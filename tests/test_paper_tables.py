@@ -105,6 +105,19 @@ def test_the_plots_are_png_images(grid):
     assert height > 100 and width > 100
 
 
+def test_the_per_class_plot_draws_the_three_heads_of_a_distilled_rows_runs(grid, tmp_path):
+    import matplotlib.image as mpimg
+
+    out, _, _ = grid
+    row = paper_tables.ROWS["ood"]
+    run = paper_tables.Run("ood", 0, ("train",), "recipes/tiny_digits.yaml", [],
+                           out / "students" / "ood-seed0")  # fmt: skip
+    students = {"ood": paper_tables.aggregate([paper_tables.metrics(run)])}
+    written = paper_tables.write_plots(tmp_path, [row], students, [run], out / "digits-lt")
+    assert [p.name for p in written] == ["rows.png", "ood_per_class.png"]
+    assert mpimg.imread(written[1]).shape[2] in (3, 4)
+
+
 def test_the_rows_listing_gives_the_exact_command_of_every_run(grid):
     out, _, _ = grid
     listing = (out / "rows.md").read_text()
