@@ -252,3 +252,30 @@ def plot_reliability(
     right.set_title("samples per bin")
     fig.suptitle(title)
     return fig
+
+
+def plot_group_bars(rows: Mapping[str, Mapping[str, tuple[float, float]]], title: str) -> Figure:
+    """Grouped bars: one group of bars per row, one bar per column (e.g. Overall/Head/Mid/Tail).
+
+    ``rows[name][column] = (mean, std)`` in percent; a NaN std (one seed) draws no error bar.
+    """
+    names = list(rows)
+    columns = list(dict.fromkeys(c for r in rows.values() for c in r))
+    fig = _figure(max(6.0, 1.1 * len(names) + 2), 4.4)
+    fig.suptitle(title)
+    ax = fig.subplots()
+    width = 0.8 / max(len(columns), 1)
+    x = np.arange(len(names))
+    for i, column in enumerate(columns):
+        mean = np.array([rows[n].get(column, (np.nan, np.nan))[0] for n in names], dtype=float)
+        std = np.array([rows[n].get(column, (np.nan, np.nan))[1] for n in names], dtype=float)
+        yerr = None if np.isnan(std).all() else np.nan_to_num(std)
+        ax.bar(x + (i - (len(columns) - 1) / 2) * width, mean, width, yerr=yerr, capsize=3,
+               color=f"C{i}", label=column.capitalize())  # fmt: skip
+    ax.set_xticks(x, names, rotation=20, ha="right", fontsize="small")
+    ax.set_ylim(0, 105)
+    ax.set_title("Top-1 accuracy per class group")
+    ax.set_xlabel("row (head reported)")
+    ax.set_ylabel("eval accuracy (%)")
+    ax.legend(fontsize="small", ncol=len(columns))
+    return fig
