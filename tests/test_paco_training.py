@@ -98,13 +98,18 @@ def test_the_teacher_file_is_the_import_of_the_runs_paco_checkpoint(
     torch.testing.assert_close(logits[0], logits[1], rtol=0, atol=0)
 
 
-def test_deitlt_eval_scores_the_run_through_the_containers_inference(paco_run: Path) -> None:
-    proc = subprocess.run(
-        [sys.executable, "-m", "deitlt_scale.cli", "eval", str(paco_run)],
-        capture_output=True, text=True, timeout=300,
-    )  # fmt: skip
-    assert proc.returncode == 0, proc.stderr[-2000:]
-    assert "teacher" in proc.stdout and "overall" in proc.stdout
+def test_deitlt_eval_scores_the_run_through_the_containers_inference(
+    paco_run: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    import json
+
+    from deitlt_scale.cli import main
+
+    trained = json.loads((paco_run / "eval" / "latest.json").read_text())["metrics"]
+    assert main(["eval", str(paco_run)]) == 0
+    assert "teacher" in capsys.readouterr().out
+    scored = json.loads((paco_run / "eval" / "latest.json").read_text())["metrics"]
+    assert scored["teacher/overall"] == trained["teacher/overall"]  # the same weights, scored again
 
 
 @pytest.mark.parametrize(
