@@ -34,14 +34,15 @@ GROUPS = ("head", "mid", "tail")
 CONVENTION = "paper"  # the paper's index groups (digits: 0-2, 3-6, 7-9)
 HEADLINE = "mean/overall"  # what the trainer selects on (the DeiT-LT task's headline)
 VAL_PER_CLASS = 8
+RUNS = ("base", "cont32", "hr48")
 EVAL_EVERY = 5  # epochs; 20 evals over the recipe's 100 epochs: the pool the selections draw from
 
-# The short final stage (both resolutions): 10 epochs (a tenth of the 32 px run), a tenth of its
+# The short final stage (both resolutions): 5 epochs (a twentieth of the 32 px run), a tenth of its
 # peak lr with no warm-up (the weights are trained; a warm-up would spend most of the stage),
 # cosine down to the recipe's min_lr. The 32 px run ended in its DRW phase, so the stage
 # re-weights from its first step and, as the recipe does during DRW, trains without mixup.
 STAGE = (
-    "train.epochs=10",
+    "train.epochs=5",
     "optim.lr=1.0e-4",
     "schedule.warmup_epochs=0",
     "schedule.min_lr=1.0e-5",
@@ -51,12 +52,37 @@ STAGE = (
 )
 
 
-def deitlt(log: Path, *args: object) -> None:
-    """Run ``deitlt ARGS`` from the repository root, its output appended to ``log``."""
+def finished(run_dir: Path) -> bool:
+    """True when ``run_dir`` evaluated its last step: the total of its saved config (one process)."""
+    from deitlt_scale import config
+
+    latest_json, saved = REPO / run_dir / "eval" / "latest.json", REPO / run_dir / "config.yaml"
+    if not (latest_json.is_file() and saved.is_file()):
+        return False
+    cfg = config.load(saved)
+    meta = json.loads((REPO / cfg.data.shards / "meta.json").read_text())
+    total = config.resolve_steps(cfg, sum(meta["train_counts"]), 1).total
+    return json.loads(latest_json.read_text())["step"] == total
+
+
+def start(log: Path, *args: object) -> subprocess.Popen:
+    """Start ``deitlt ARGS`` from the repository root, its output appended to ``log``."""
     cmd = [sys.executable, "-m", "deitlt_scale.cli", *map(str, args)]
     print("+ deitlt " + " ".join(map(str, args)), flush=True)
     with log.open("a") as out:
-        subprocess.run(cmd, check=True, cwd=REPO, stdout=out, stderr=subprocess.STDOUT)
+        return subprocess.Popen(cmd, cwd=REPO, stdout=out, stderr=subprocess.STDOUT)
+
+
+def wait(procs: Sequence[subprocess.Popen]) -> None:
+    """Wait for every command; exit naming the first that failed."""
+    for proc in procs:
+        if proc.wait() != 0:
+            raise SystemExit(f"failed ({proc.returncode}): {' '.join(map(str, proc.args))}")
+
+
+def deitlt(log: Path, *args: object) -> None:
+    """Run ``deitlt ARGS`` to the end (see :func:`start`)."""
+    wait([start(log, *args)])
 
 
 def latest(run_dir: Path) -> dict[str, float]:
@@ -174,6 +200,9 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--out", type=Path, default=Path("runs/stage"), help="relative to the repo")
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    parser.add_argument(
+        "--parallel-stages", action="store_true", help="train a seed's two stages at once"
+    )
     parser.add_argument("--tables-only", action="store_true", help="print tables of finished runs")
     args = parser.parse_args()
     out: Path = args.out
@@ -186,28 +215,33 @@ def main() -> int:
         "tracking.enabled=false",
     )
 
-    if not args.tables_only:
-        if not (REPO / data / "meta.json").is_file():
-            deitlt(REPO / out / "prepare.log", "data", "prepare", "digits-lt",
-                   "--val-per-class", VAL_PER_CLASS, "--out", data, "--no-progress")  # fmt: skip
-        deitlt(REPO / out / "teacher.log", "teacher", "train", Path("recipes") / "teacher_digits.yaml",
-               f"data.shards={data}", f"runtime.run_dir={teacher}", "train.seed=0",
-               "tracking.enabled=false")  # fmt: skip
-        for seed in args.seeds:
-            base = out / f"base-seed{seed}"
-            deitlt(REPO / out / f"{base.name}.log", "train", recipe, *common,
-                   f"runtime.run_dir={base}", f"train.seed={seed}",
-                   f"eval.every_epochs={EVAL_EVERY}")  # fmt: skip
-            for size, name in ((32, "cont32"), (48, "hr48")):
-                run = out / f"{name}-seed{seed}"
-                deitlt(REPO / out / f"{run.name}.log", "train", recipe, *common, *STAGE,
-                       f"runtime.run_dir={run}", f"train.seed={seed}", f"data.image_size={size}",
-                       f"train.init_from={base}:latest")  # fmt: skip
+    def train(run: Path, *cli: object) -> list[subprocess.Popen]:
+        """Start ``deitlt CLI runtime.run_dir=RUN``, unless the run is finished (or only tables
+        are asked)."""
+        if args.tables_only or finished(run):
+            return []
+        return [start(REPO / out / f"{run.name}.log", *cli, f"runtime.run_dir={run}")]
 
-    done = [
-        s for s in args.seeds if (REPO / out / f"hr48-seed{s}" / "eval" / "latest.json").is_file()
-    ]
-    bases = [REPO / out / f"base-seed{s}" for s in args.seeds if (REPO / out / f"base-seed{s}" / "eval" / "best.json").is_file()]  # fmt: skip
+    if not args.tables_only and not (REPO / data / "meta.json").is_file():
+        deitlt(REPO / out / "prepare.log", "data", "prepare", "digits-lt",
+               "--val-per-class", VAL_PER_CLASS, "--out", data, "--no-progress")  # fmt: skip
+    wait(train(teacher, "teacher", "train", Path("recipes") / "teacher_digits.yaml",
+               f"data.shards={data}", "train.seed=0", "tracking.enabled=false"))  # fmt: skip
+    for seed in args.seeds:
+        base = out / f"base-seed{seed}"
+        wait(train(base, "train", recipe, *common, f"train.seed={seed}",
+                   f"eval.every_epochs={EVAL_EVERY}"))  # fmt: skip
+        stages: list[subprocess.Popen] = []
+        for size, name in ((32, "cont32"), (48, "hr48")):
+            stages += train(out / f"{name}-seed{seed}", "train", recipe, *common, *STAGE,
+                            f"train.seed={seed}", f"data.image_size={size}",
+                            f"train.init_from={base}:latest")  # fmt: skip
+            if not args.parallel_stages:
+                wait(stages)
+        wait(stages)
+
+    done = [s for s in args.seeds if all(finished(out / f"{n}-seed{s}") for n in RUNS)]
+    bases = [REPO / out / f"base-seed{s}" for s in args.seeds if finished(out / f"base-seed{s}")]
     for run in bases:
         check_history(run)
     print(f"\n### Higher-resolution final stage (seeds {', '.join(map(str, done))})\n")
