@@ -137,9 +137,11 @@ def check_history(run_dir: Path) -> None:
 
 
 def cell(values: Sequence[float], scale: float = 100.0, digits: int = 1) -> str:
+    """Mean ± sample standard deviation in percent; the value alone for one seed."""
     mean = statistics.mean(values) * scale
-    spread = statistics.stdev(values) * scale if len(values) > 1 else 0.0
-    return f"{mean:.{digits}f} ± {spread:.{digits}f}"
+    if len(values) == 1:
+        return f"{mean:.{digits}f}"
+    return f"{mean:.{digits}f} ± {statistics.stdev(values) * scale:.{digits}f}"
 
 
 def figures(runs: Sequence[dict[str, float]], head: str) -> list[str]:
