@@ -198,6 +198,22 @@ def selection_table(run_dirs: Sequence[Path]) -> str:
     return "\n".join(lines)
 
 
+def history_table(run_dirs: Sequence[Path], last: int = 6) -> str:
+    """The last ``last`` evals of every run: val and test mean-head Overall, test DIST Overall."""
+    lines = [
+        "| run | step | val, mean head | test, mean head | test, DIST head |",
+        "|---|---|---|---|---|",
+    ]
+    for run in run_dirs:
+        test, val = per_eval(run / "eval"), per_eval(run / "eval" / "val")
+        for step in sorted(test)[-last:]:
+            figures = [val[step][HEADLINE], test[step][HEADLINE], test[step]["dist/overall"]]
+            lines.append(
+                f"| {run.name} | {step} | " + " | ".join(cell([f]) for f in figures) + " |"
+            )
+    return "\n".join(lines)
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--out", type=Path, default=Path("runs/stage"), help="relative to the repo")
@@ -257,6 +273,8 @@ def main() -> int:
     print(f"\n### Model selection (seeds {', '.join(p.name.split('seed')[1] for p in bases)})\n")
     if bases:
         print(selection_table(bases))
+        print("\nThe last evals (val: 80 images, one image is 1.25 points; test: 500 images):\n")
+        print(history_table(bases))
     return 0
 
 
