@@ -95,6 +95,9 @@ deitlt_init() {
     deitlt_die "no rendezvous for this job (SLURM_JOB_NODELIST=${SLURM_JOB_NODELIST:-})"
   read -r MASTER_ADDR MASTER_PORT <<<"$rendezvous"
   export MASTER_ADDR MASTER_PORT
+  # sbatch exports the submitting shell's environment: a torchrun-style RANK/WORLD_SIZE left
+  # there would take precedence over SLURM's ranks in every task.
+  unset RANK LOCAL_RANK WORLD_SIZE LOCAL_WORLD_SIZE GROUP_RANK
 
   DEITLT_OVERRIDES=()
   [[ -n ${DATA:-} ]] && DEITLT_OVERRIDES+=("data.shards=$DATA")

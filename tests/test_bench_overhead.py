@@ -14,6 +14,7 @@ import re
 import subprocess
 import sys
 from pathlib import Path
+from unittest import mock
 
 import pytest
 import torch
@@ -96,10 +97,12 @@ def test_a_plain_side_with_a_one_percent_larger_lr_is_caught(monkeypatch, capsys
             group["lr"] *= 1.01
 
     monkeypatch.setattr(PlainStep, "_set_lr", larger_lr)
-    monkeypatch.setenv("OMP_NUM_THREADS", "1")
-    for key in ("RANK", "LOCAL_RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT"):
-        monkeypatch.delenv(key, raising=False)
-    assert main(["bench", "step", "--overhead", *ARGS]) == 1
+    # The launcher variables the in-process run exports are dropped after the test too, so that
+    # later jobs started from this process (SLURM, torchrun) do not inherit them.
+    with mock.patch.dict(os.environ, {"OMP_NUM_THREADS": "1"}):
+        for key in ("RANK", "LOCAL_RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT"):
+            os.environ.pop(key, None)
+        assert main(["bench", "step", "--overhead", *ARGS]) == 1
     captured = capsys.readouterr()
     assert "weights DISAGREE" in same_work_line(captured.out)
     assert "ratio framework/plain" not in captured.out  # no ratio between different work

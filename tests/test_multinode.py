@@ -367,7 +367,8 @@ def test_rendezvous_of_a_two_node_job_is_the_first_node_on_both_sides(
         'deitlt_run srun "$PYTHON" -c "$PROBE"\n'
     )
     env = {"DEITLT_HOME": str(REPO), "PYTHON": sys.executable, "PROBE": probe}
-    env |= {"MASTER_ADDR": "stale-host", "MASTER_PORT": "1"}  # the submitting shell's: ignored
+    # The submitting shell's rendezvous and torchrun ranks: ignored.
+    env |= {"MASTER_ADDR": "stale-host", "MASTER_PORT": "1", "RANK": "5", "WORLD_SIZE": "9"}
     job = cluster.sbatch(script, env=env, options=layout(2, 1))
     end = cluster.wait_for_end(job, JOB_TIMEOUT_S)
     assert (end.state, end.exit_code) == ("COMPLETED", 0), end.report
