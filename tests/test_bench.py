@@ -109,9 +109,14 @@ def bench_step(*extra: str, timeout: int = 300) -> subprocess.CompletedProcess:
         "--image-size", "32", "--teacher", "resnet32", "--classes", "10", "--batch", "8",
         "--steps", "2", "--rounds", "2", "--warmup", "1", *extra,
     ]  # fmt: skip
+    return run_bench(cmd, timeout)
+
+
+def run_bench(cmd: list[str], timeout: int) -> subprocess.CompletedProcess:
+    """``cmd`` as one process on one thread, with no launcher variables from elsewhere."""
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
     for key in ("RANK", "LOCAL_RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT"):
-        env.pop(key, None)  # one process: no launcher variables from elsewhere
+        env.pop(key, None)
     return subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=env, cwd=REPO)
 
 

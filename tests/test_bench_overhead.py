@@ -18,6 +18,7 @@ from unittest import mock
 
 import pytest
 import torch
+from test_bench import field, run_bench
 
 from deitlt_scale.benchmarks.plain_step import WEIGHT_TOLERANCE, compare_weights
 
@@ -31,16 +32,7 @@ ARGS = ["--device", "cpu", "--model-args", *SMALL, "--batch", "8", "--steps", "2
 
 def bench_overhead(*extra: str, timeout: int = 300) -> subprocess.CompletedProcess:
     cmd = [sys.executable, "-m", "deitlt_scale.cli", "bench", "step", "--overhead", *ARGS, *extra]
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
-    for key in ("RANK", "LOCAL_RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT"):
-        env.pop(key, None)  # one process: no launcher variables from elsewhere
-    return subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=env, cwd=REPO)
-
-
-def field(pattern: str, text: str) -> float:
-    match = re.search(pattern, text, flags=re.MULTILINE)
-    assert match, f"no line matching {pattern!r} in:\n{text}"
-    return float(match.group(1))
+    return run_bench(cmd, timeout)
 
 
 def same_work_line(text: str) -> str:

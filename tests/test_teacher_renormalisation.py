@@ -16,6 +16,18 @@ def _teacher() -> torch.nn.Module:
     return create_teacher_arch("resnet32", 10).eval()
 
 
+def _runner(teacher: torch.nn.Module, teacher_stats) -> TeacherRunner:
+    """The teacher at 32 px, fed batches normalised with the student's statistics."""
+    return TeacherRunner(
+        teacher,
+        32,
+        student_mean=STUDENT[0],
+        student_std=STUDENT[1],
+        teacher_mean=teacher_stats[0],
+        teacher_std=teacher_stats[1],
+    )
+
+
 def _normalise(pixels: torch.Tensor, stats) -> torch.Tensor:
     mean, std = (torch.tensor(v).view(1, 3, 1, 1) for v in stats)
     return (pixels - mean) / std
@@ -24,14 +36,7 @@ def _normalise(pixels: torch.Tensor, stats) -> torch.Tensor:
 def test_a_teacher_with_other_statistics_sees_the_pixels_normalised_its_way() -> None:
     pixels = torch.rand(4, 3, 64, 64, generator=torch.Generator().manual_seed(1))
     teacher = _teacher()
-    runner = TeacherRunner(
-        teacher,
-        32,
-        student_mean=STUDENT[0],
-        student_std=STUDENT[1],
-        teacher_mean=TEACHER[0],
-        teacher_std=TEACHER[1],
-    )
+    runner = _runner(teacher, TEACHER)
     with torch.no_grad():
         want = teacher(resize_for_teacher(_normalise(pixels, TEACHER), 32))
         plain = teacher(resize_for_teacher(_normalise(pixels, STUDENT), 32))
@@ -43,14 +48,7 @@ def test_a_teacher_with_other_statistics_sees_the_pixels_normalised_its_way() ->
 def test_equal_statistics_leave_the_batch_untouched() -> None:
     images = torch.randn(2, 3, 32, 32, generator=torch.Generator().manual_seed(2))
     teacher = _teacher()
-    runner = TeacherRunner(
-        teacher,
-        32,
-        student_mean=STUDENT[0],
-        student_std=STUDENT[1],
-        teacher_mean=STUDENT[0],
-        teacher_std=STUDENT[1],
-    )
+    runner = _runner(teacher, STUDENT)
     assert runner.affine is None
     with torch.no_grad():
         assert torch.equal(runner(images), teacher(images))

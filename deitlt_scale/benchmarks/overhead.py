@@ -241,6 +241,22 @@ def breakdown_lines(
 # The command
 
 
+def interleaved_rounds(
+    sides: tuple[Any, ...], rounds: int, steps: int, device: Any, label: str
+) -> dict[str, list[float]]:
+    """Per side, the seconds of each of ``rounds`` rounds of ``steps`` steps, the sides taking
+    turns within every round (so a slower spell of the machine hits both)."""
+    seconds: dict[str, list[float]] = {side.name: [] for side in sides}
+    for _ in progress(rounds, label):
+        for side in sides:
+            sync(device)
+            t0 = time.perf_counter()
+            side.run(steps)
+            sync(device)
+            seconds[side.name].append(time.perf_counter() - t0)
+    return seconds
+
+
 def run_overhead(args: argparse.Namespace, world, tmp: Path) -> None:
     """Build both sides, time them alternately, check the same work, print; raises
     :class:`OverheadFailed` when the weights disagree."""
@@ -304,35 +320,23 @@ def run_overhead(args: argparse.Namespace, world, tmp: Path) -> None:
             side.run(1)
     sync(device)
 
-    ms: dict[str, list[float]] = {"framework": [], "plain": []}
-    for _ in progress(args.rounds, "timed rounds"):
-        for side in (framework, plain):
-            sync(device)
-            t0 = time.perf_counter()
-            side.run(args.steps)
-            sync(device)
-            ms[side.name].append(1e3 * (time.perf_counter() - t0) / args.steps)
+    sides = (framework, plain)
+    seconds = interleaved_rounds(sides, args.rounds, args.steps, device, "timed rounds")
+    ms = {name: [1e3 * t / args.steps for t in times] for name, times in seconds.items()}
 
     breakdown: list[str] = []
     if args.breakdown:
         timers = {name: PartTimer(device) for name in ms}
         instrument_framework(trainer, timers["framework"])
         instrument_plain(plain, timers["plain"])
-        whole = {name: 0.0 for name in ms}
-        for _ in progress(args.rounds, "breakdown rounds"):
-            for side in (framework, plain):
-                sync(device)
-                t0 = time.perf_counter()
-                side.run(args.steps)
-                sync(device)
-                whole[side.name] += time.perf_counter() - t0
+        whole = interleaved_rounds(sides, args.rounds, args.steps, device, "breakdown rounds")
         for timer in timers.values():
             timer.remove()
         breakdown = breakdown_lines(
             timers["framework"].seconds,
             timers["plain"].seconds,
             args.rounds * args.steps,
-            (whole["framework"], whole["plain"]),
+            (sum(whole["framework"]), sum(whole["plain"])),
         )
 
     losses = (framework.mean_loss(), plain.mean_loss())  # also raises on a non-finite loss

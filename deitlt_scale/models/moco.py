@@ -184,10 +184,12 @@ class MoCo(nn.Module):
                 f"paco.moco_k={self.moco_k} is not a multiple of the global batch {n}; "
                 "change one of them"
             )
-        ptr = int(self.queue_ptr.item())
-        self.queue[ptr : ptr + n] = keys.to(self.queue.dtype)
-        self.queue_l[ptr : ptr + n] = labels
-        self.queue_ptr[0] = (ptr + n) % self.moco_k
+        # Rows ptr .. ptr + n - 1 computed on the device: reading the pointer on the host would
+        # wait for the step's kernels every step.
+        rows = self.queue_ptr + torch.arange(n, device=self.queue_ptr.device)
+        self.queue.index_copy_(0, rows, keys.to(self.queue.dtype))
+        self.queue_l.index_copy_(0, rows, labels.to(self.queue_l.dtype))
+        self.queue_ptr.copy_((self.queue_ptr + n) % self.moco_k)
 
     def forward_train(self, im_q: Tensor, im_k: Tensor, labels: Tensor) -> MoCoOutput:
         """Queries with gradient, keys without; neither the key encoder nor the queue change here.
