@@ -26,11 +26,14 @@ from __future__ import annotations
 
 import argparse
 import csv
+import importlib.metadata
 import json
 import math
 import os
+import platform
 import resource
 import shlex
+import shutil
 import signal
 import subprocess
 import sys
@@ -44,6 +47,7 @@ import yaml
 
 from deitlt_scale.analysis.accuracy import group_bands
 from deitlt_scale.analysis.aggregate import Aggregate, aggregate
+from deitlt_scale.analysis.claims import Claim, Side, check, claims_markdown
 from deitlt_scale.analysis.plots import plot_group_bars, plot_per_class, save_figure
 from deitlt_scale.config import load as load_config
 from deitlt_scale.config import resolve_steps
@@ -60,6 +64,16 @@ COLUMNS = ("overall", *GROUP_NAMES)
 
 
 @dataclass(frozen=True)
+class PaperFigure:
+    """A published figure (percent) of the paper, with where it is printed."""
+
+    source: str  # e.g. "Table 5, row 2"
+    c10: tuple[float, ...]  # CIFAR-10-LT rho=100: (overall,) or (overall, head, mid, tail)
+    c100: tuple[float, ...]  # CIFAR-100-LT rho=100, same layout
+    note: str = ""
+
+
+@dataclass(frozen=True)
 class Teacher:
     """One kind of teacher: a recipe and its overrides, trained once per seed."""
 
@@ -68,16 +82,7 @@ class Teacher:
     overrides: tuple[str, ...]
     label: str
     note: str = ""
-
-
-@dataclass(frozen=True)
-class PaperFigure:
-    """A published figure (percent) of the paper, with where it is printed."""
-
-    source: str  # e.g. "Table 5, row 2"
-    c10: tuple[float, ...]  # CIFAR-10-LT rho=100: (overall,) or (overall, head, mid, tail)
-    c100: tuple[float, ...]  # CIFAR-100-LT rho=100, same layout
-    note: str = ""
+    paper: PaperFigure | None = None
 
 
 @dataclass(frozen=True)
@@ -130,9 +135,19 @@ TEACHERS: dict[str, Teacher] = {
         "ResNet-32, plain CE, weak augmentation (the teacher recipe's), no SAM",
     ),
     "ldam_drw_sam": Teacher(
-        "ldam_drw_sam", TEACHER_RECIPE, (), "ResNet-32, LDAM-DRW + SAM (the teacher recipe)"
+        "ldam_drw_sam",
+        TEACHER_RECIPE,
+        (),
+        "ResNet-32, LDAM-DRW + SAM (the teacher recipe)",
+        paper=PaperFigure("Table 2, L-D-SAM (ResNet-32)", (81.9,), (45.4,)),
     ),
-    "paco_sam": Teacher("paco_sam", PACO_RECIPE, (), "ResNet-32, PaCo + SAM"),
+    "paco_sam": Teacher(
+        "paco_sam",
+        PACO_RECIPE,
+        (),
+        "ResNet-32, PaCo + SAM",
+        paper=PaperFigure("Table 2, PaCo+SAM (ResNet-32)", (86.8,), (52.8,)),
+    ),
 }
 
 # What `distill.drw_epoch=null` switches off besides the DRW weights of the DIST loss.
@@ -197,6 +212,52 @@ ROWS: dict[str, Row] = {
         ),
     )
 }  # fmt: skip
+
+
+def group_key(head: str, group: str) -> str:
+    return f"{head}/overall" if group == "overall" else f"{head}/paper/{group}"
+
+
+def _side(runs: str, head: str, group: str) -> Side:
+    """The ``group`` accuracy of ``head`` in the runs of row (or "teacher NAME") ``runs``."""
+    name = {"cls": "CLS", "dist": "DIST", "mean": "mean", "teacher": "teacher"}[head]
+    return Side(runs, group_key(head, group), f"{runs} {name}, {group.capitalize()}")
+
+
+# The paper's claims that the rows above can test; each compares two measurements seed by seed.
+CLAIMS: tuple[Claim, ...] = (
+    Claim("OOD distillation beats in-distribution distillation", "Table 5, rows 1-2",
+          _side("ood", "mean", "overall"), _side("deit_indist", "mean", "overall")),
+    Claim("DRW on the DIST loss raises accuracy", "Table 5, rows 2-3",
+          _side("ood_drw", "mean", "overall"), _side("ood", "mean", "overall")),
+    Claim("DRW on the DIST loss raises the tail", "Section 3.1, Tail Expert with DRW loss",
+          _side("ood_drw", "dist", "tail"), _side("ood", "dist", "tail")),
+    Claim("a SAM teacher (here LDAM-DRW + SAM, against plain CE) gives a better student",
+          "Table 5, rows 3-4; Section 3.2",
+          _side("deitlt", "mean", "overall"), _side("ood_drw", "mean", "overall")),
+    Claim("a PaCo + SAM teacher gives a better student than LDAM-DRW + SAM", "Table 2",
+          _side("deitlt_paco", "mean", "overall"), _side("deitlt", "mean", "overall")),
+    Claim("DeiT-LT beats the ViT trained alone", "Table 2",
+          _side("deitlt", "mean", "overall"), _side("vit", "cls", "overall")),
+    Claim("the DIST head is the tail expert", "Sections 3.1 and 6",
+          _side("deitlt", "dist", "tail"), _side("deitlt", "cls", "tail")),
+    Claim("the CLS head is the head expert", "Sections 3.1 and 6",
+          _side("deitlt", "cls", "head"), _side("deitlt", "dist", "head")),
+    Claim("averaging the two experts beats the CLS head", "Sections 2, 3 and 6",
+          _side("deitlt", "mean", "overall"), _side("deitlt", "cls", "overall")),
+    Claim("averaging the two experts beats the DIST head", "Sections 2, 3 and 6",
+          _side("deitlt", "mean", "overall"), _side("deitlt", "dist", "overall")),
+    Claim("an S-sized student beats a Ti-sized one", "Table 6",
+          _side("deitlt_s", "mean", "overall"), _side("deitlt_ti", "mean", "overall")),
+    Claim("a B-sized student beats an S-sized one", "Table 6",
+          _side("deitlt_b", "mean", "overall"), _side("deitlt_s", "mean", "overall")),
+    Claim("the LDAM-DRW + SAM teacher is better on the tail than plain CE", "Table 2 (teachers)",
+          _side("teacher ldam_drw_sam", "teacher", "tail"),
+          _side("teacher ce_weak", "teacher", "tail")),
+    Claim("the PaCo + SAM teacher beats the LDAM-DRW + SAM teacher", "Table 2 (teachers)",
+          _side("teacher paco_sam", "teacher", "overall"),
+          _side("teacher ldam_drw_sam", "teacher", "overall")),
+)  # fmt: skip
 
 
 # ------------------------------------------------------------------------------------ runs
@@ -395,10 +456,6 @@ def head_of(row: Row) -> tuple[str, ...]:
     return ("cls", "dist", "mean") if row.distilled else ("cls",)
 
 
-def group_key(head: str, group: str) -> str:
-    return f"{head}/overall" if group == "overall" else f"{head}/paper/{group}"
-
-
 def _pct(a: Aggregate | None) -> tuple[float, float]:
     """(mean, std) in percent; std NaN with one seed."""
     if a is None:
@@ -426,10 +483,14 @@ def write_tables(
     teachers: Mapping[str, dict[str, Aggregate]],
     seeds: Sequence[int],
     budget: str,
+    claims: str,
+    provenance: Sequence[str],
 ) -> None:
     head_label = {"cls": "CLS", "dist": "DIST", "mean": "mean of logits"}
     md = [
         "# DeiT-LT ablations on digits-lt (paper Tables 5 and 6)",
+        "",
+        *provenance,
         "",
         f"Top-1 accuracy (%) on the balanced eval split, paper groups (head = classes 0-2, "
         f"mid = 3-6, tail = 7-9), mean ± sample standard deviation over seeds "
@@ -475,16 +536,26 @@ def write_tables(
                 )
             md.append(f"* `{row.name}`: " + "; ".join(notes))
         md.append("")
-    md += ["## Teachers (ResNet-32)", "", "| teacher | Overall | Head | Mid | Tail |",
-           "|---|---|---|---|---|"]  # fmt: skip
+    md += ["## Teachers (ResNet-32)", "",
+           "| teacher | Overall | Head | Mid | Tail | paper C10-LT | paper C100-LT |",
+           "|---|---|---|---|---|---|---|"]  # fmt: skip
     for name, agg in teachers.items():
+        teacher = TEACHERS[name]
         cells = [_cell(agg.get(group_key("teacher", g))) for g in COLUMNS]
-        md.append(f"| {name}: {TEACHERS[name].label} | {' | '.join(cells)} |")
+        c10, c100 = _paper(teacher.paper)
+        md.append(f"| {name}: {teacher.label} | {' | '.join(cells)} | {c10} | {c100} |")
         n = max((a.n for a in agg.values()), default=0)
         values = [v for g in COLUMNS for v in _pct(agg.get(group_key("teacher", g)))]
-        rows_csv.append(["teacher", name, "teacher", n, *values, "", "", ""])
+        source = teacher.paper.source if teacher.paper else ""
+        rows_csv.append(["teacher", name, "teacher", n, *values, c10, c100, source])
     md.append("")
     md += [f"* `{name}`: {TEACHERS[name].note}" for name in teachers if TEACHERS[name].note]
+    if claims:
+        md += ["", "## The paper's claims at this scale", "",
+               "Each claim compares two measurements seed by seed (same seed, same teacher "
+               "seed): the difference is better minus worse in percentage points, mean ± sample "
+               "standard deviation of the per-seed differences; a claim holds when every seed "
+               "agrees, fails when none does, and is mixed otherwise.", "", claims]  # fmt: skip
     md += ["", "![Overall/Head/Mid/Tail per row](plots/rows.png)", ""]
     if "deitlt" in students:
         md += ["![Per-class accuracy of row deitlt](plots/deitlt_per_class.png)", ""]
@@ -575,6 +646,65 @@ def write_plots(out: Path, rows: Sequence[Row], students: Mapping[str, dict[str,
     return written
 
 
+def provenance(argv: Sequence[str], runs: Sequence[Run]) -> list[str]:
+    """Lines naming the command, the machine, the packages and the dates the runs ended."""
+    cpu = next((line.split(":", 1)[1].strip() for line in _read_lines("/proc/cpuinfo")
+                if line.startswith("model name")), platform.processor() or "unknown CPU")  # fmt: skip
+    versions = ", ".join(f"{name} {_version(name)}" for name in ("torch", "deepspeed", "timm"))
+    ended = sorted(a["ended"][:10] for r in runs for a in _read_timing(r).get("attempts", []))
+    dates = (
+        f"{ended[0]} to {ended[-1]}" if ended and ended[0] != ended[-1] else ", ".join(ended[:1])
+    )
+    return [
+        f"Command: `python scripts/paper_tables.py {shlex.join(argv)}`",
+        "",
+        f"Machine: {platform.machine()}, {os.cpu_count()} CPU cores ({cpu}), "
+        f"{'CUDA' if _cuda() else 'no GPU'}; {versions}, DALI {_dali_version()}. "
+        f"Runs ended {dates or 'never'} (UTC).",
+    ]
+
+
+def _read_lines(path: str) -> list[str]:
+    try:
+        return Path(path).read_text().splitlines()
+    except OSError:
+        return []
+
+
+def _version(dist: str) -> str:
+    try:
+        return importlib.metadata.version(dist)
+    except importlib.metadata.PackageNotFoundError:
+        return "not installed"
+
+
+def _dali_version() -> str:
+    dali = [d for d in importlib.metadata.distributions()
+            if (d.metadata["Name"] or "").lower().startswith("nvidia-dali")]  # fmt: skip
+    return dali[0].version if dali else "not installed"
+
+
+def _cuda() -> bool:
+    import torch
+
+    return torch.cuda.is_available()
+
+
+def publish(out: Path, docs: Path) -> Path:
+    """``docs/results.md`` from ``out/tables.md`` (its plots copied to ``docs/img/paper-tables``
+    and the links pointed there); returns the page written."""
+    images = docs / "img" / "paper-tables"
+    images.mkdir(parents=True, exist_ok=True)
+    for plot in sorted((out / "plots").glob("*.png")):
+        shutil.copyfile(plot, images / plot.name)
+    page = (out / "tables.md").read_text().replace("](plots/", "](img/paper-tables/")
+    target = docs / "results.md"
+    tmp = target.with_name(f".{target.name}.partial")
+    tmp.write_text(page)
+    tmp.replace(target)
+    return target
+
+
 # ------------------------------------------------------------------------------------ main
 
 
@@ -606,6 +736,9 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
                         help="overrides added to every student run, after the row's")  # fmt: skip
     parser.add_argument("--teacher-set", nargs="*", default=[], metavar="K=V",
                         help="overrides added to every teacher run, after the kind's")  # fmt: skip
+    parser.add_argument("--publish", type=Path, default=None, metavar="DOCS",
+                        help="also write DOCS/results.md and DOCS/img/paper-tables/ from the "
+                        "tables (the repository's docs/ when publishing a full grid)")  # fmt: skip
     args = parser.parse_args(argv)
     for flag in ("epochs", "teacher_epochs"):
         if getattr(args, flag) is not None and getattr(args, flag) < 1:
@@ -614,6 +747,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else list(argv)
     args = parse_args(argv)
     out: Path = args.out.resolve()
     rows = [ROWS[name] for name in ROWS if name in args.rows]  # the tables' order
@@ -669,8 +803,15 @@ def main(argv: Sequence[str] | None = None) -> int:
     if "deitlt" in trained:
         budget += f"; row deitlt, CLS head on the head classes: {_cell(students['deitlt'].get('cls/paper/head'))}"
     budget += "."
-    write_tables(out, rows, students, teacher_aggs, args.seeds, budget)
+    per_seed = {r.name: [metrics(run) for run in runs[r.reuses or r.name]] for r in rows}
+    per_seed |= {f"teacher {n}": [metrics(r) for r in runs[f"teacher {n}"]] for n in teachers}
+    verdicts = check(CLAIMS, per_seed)
+    claims = claims_markdown(verdicts, per_seed) if verdicts else ""
+    write_tables(out, rows, students, teacher_aggs, args.seeds, budget, claims,
+                 provenance(argv, all_runs))  # fmt: skip
     write_plots(out, rows, students, runs.get("deitlt", []), data)
+    if args.publish:
+        print(f"paper_tables: published {publish(out, args.publish)}")
     print(budget)
     print(
         f"paper_tables: {len(all_runs)} runs in {time.perf_counter() - t_start:.0f} s; "

@@ -34,9 +34,9 @@ SHRINK = [
 RUNS = ("teachers/ce_weak-seed0", "students/vit-seed0", "students/ood-seed0")
 
 
-def _invoke(out: Path) -> subprocess.CompletedProcess:
+def _invoke(out: Path, *extra: str) -> subprocess.CompletedProcess:
     env = {**os.environ, "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1"}
-    cmd = [sys.executable, str(SCRIPT), "--out", str(out), *SHRINK]
+    cmd = [sys.executable, str(SCRIPT), "--out", str(out), *SHRINK, *extra]
     proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     return proc
@@ -44,10 +44,11 @@ def _invoke(out: Path) -> subprocess.CompletedProcess:
 
 @pytest.fixture(scope="module")
 def grid(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, str, str]:
-    """The shrunk grid run twice into one directory: (out, first stdout, second stdout)."""
+    """The shrunk grid run twice into one directory, the second time publishing into
+    ``out/docs``: (out, first stdout, second stdout)."""
     out = tmp_path_factory.mktemp("paper-tables")
     first = _invoke(out).stdout
-    second = _invoke(out).stdout
+    second = _invoke(out, "--publish", str(out / "docs")).stdout
     return out, first, second
 
 
@@ -142,6 +143,37 @@ def test_a_second_invocation_skips_every_completed_run(grid):
     assert "data digits-lt" not in second
     for run in RUNS:
         assert len(json.loads((out / run / "paper_tables.json").read_text())["attempts"]) == 1
+
+
+def test_publishing_writes_the_tables_as_the_results_page_with_its_plots_beside_it(grid):
+    out, _, second = grid
+    page = (out / "docs" / "results.md").read_text()
+    assert f"published {out / 'docs' / 'results.md'}" in second
+    assert page == (out / "tables.md").read_text().replace("](plots/", "](img/paper-tables/")
+    assert "](img/paper-tables/rows.png)" in page
+    copied = out / "docs" / "img" / "paper-tables" / "rows.png"
+    assert copied.read_bytes() == (out / "plots" / "rows.png").read_bytes()
+
+
+def test_the_tables_name_the_command_the_machine_and_the_dates_of_the_runs(grid):
+    out, _, _ = grid
+    md = (out / "tables.md").read_text()
+    command = next(x for x in md.splitlines() if x.startswith("Command: "))
+    assert command.startswith(f"Command: `python scripts/paper_tables.py --out {out} --seeds 0")
+    assert command.endswith(f"--publish {out / 'docs'}`")
+    machine = next(x for x in md.splitlines() if x.startswith("Machine: "))
+    assert f"{os.cpu_count()} CPU cores" in machine and "torch " in machine and "DALI " in machine
+    ended = json.loads((out / RUNS[0] / "paper_tables.json").read_text())["attempts"][0]["ended"]
+    assert f"Runs ended {ended[:10]}" in machine
+
+
+def test_the_claims_section_appears_only_when_a_claim_has_both_sides_measured(grid):
+    out, _, _ = grid
+    assert "## The paper's claims at this scale" not in (out / "tables.md").read_text()
+    # vit and ood answer no claim of the paper on their own; with deit_indist beside ood, one.
+    per_seed = {"ood": [{"mean/overall": 0.40}], "deit_indist": [{"mean/overall": 0.30}]}
+    (verdict,) = paper_tables.check(paper_tables.CLAIMS, per_seed)
+    assert verdict.claim.source == "Table 5, rows 1-2" and verdict.outcome == "holds (one seed)"
 
 
 def test_a_missing_teacher_recipe_is_named_before_anything_runs(tmp_path):
