@@ -11,6 +11,7 @@ scripts/reliability_table.py`` renders it into docs/reliability.md. Outcomes: ``
 from __future__ import annotations
 
 import datetime as dt
+import fcntl
 import json
 import os
 import platform
@@ -98,22 +99,26 @@ def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
     if not ran:
         return
     path = results_path()
-    merged: dict = {}
-    if path.is_file():
-        try:
-            merged = json.loads(path.read_text()).get("faults", {})
-        except (json.JSONDecodeError, AttributeError):
-            merged = {}
-    merged.update(ran)
-    payload = {
-        "generated": dt.date.today().isoformat(),
-        "platform": f"{platform.system()} {platform.machine()}, Python {sys.version.split()[0]}",
-        "faults": dict(sorted(merged.items())),
-    }
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(payload, indent=1) + "\n")
-    tmp.replace(path)
+    # Test processes running side by side (pytest -n) each merge their share: one at a time.
+    with open(path.with_name(path.name + ".lock"), "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        merged: dict = {}
+        if path.is_file():
+            try:
+                merged = json.loads(path.read_text()).get("faults", {})
+            except (json.JSONDecodeError, AttributeError):
+                merged = {}
+        merged.update(ran)
+        payload = {
+            "generated": dt.date.today().isoformat(),
+            "platform": f"{platform.system()} {platform.machine()}, "
+            f"Python {sys.version.split()[0]}",
+            "faults": dict(sorted(merged.items())),
+        }
+        tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp")
+        tmp.write_text(json.dumps(payload, indent=1) + "\n")
+        tmp.replace(path)
 
 
 @pytest.fixture(scope="session", autouse=True)
