@@ -10,6 +10,8 @@ STAMP := $(VENV)/.deitlt-installed
 # torch >= 2.5 inside the venv keeps its own build.
 TORCH_SPEC ?= torch==2.14.1 torchvision==0.29.1
 PYTEST_ARGS ?=
+# Test processes side by side, one per core; a file's tests share one process (its fixtures).
+TEST_WORKERS ?= auto
 
 .PHONY: install demo test lint format clean-venv
 
@@ -27,7 +29,7 @@ demo: $(STAMP)
 	$(VENV)/bin/deitlt demo
 
 test: $(STAMP)
-	$(PY) -m pytest $(PYTEST_ARGS)
+	$(PY) -m pytest -n $(TEST_WORKERS) --dist loadfile $(PYTEST_ARGS)
 
 lint: $(STAMP)
 	$(VENV)/bin/ruff check .

@@ -358,6 +358,10 @@ def test_killing_the_server_mid_run_does_not_stop_training(tmp_path, disposable_
 # `deitlt mlflow-server`
 
 
+def _sigint_default() -> None:
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
 @pytest.mark.slow
 def test_mlflow_server_command_serves_on_localhost_and_stops_on_ctrl_c(tmp_path):
     port = free_port()
@@ -365,6 +369,9 @@ def test_mlflow_server_command_serves_on_localhost_and_stops_on_ctrl_c(tmp_path)
         [sys.executable, "-m", "deitlt_scale.cli", "mlflow-server", "--port", str(port),
          "--store", str(tmp_path / "store")],
         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True,
+        # A foreground command's Ctrl-C, whatever the test session inherited: a shell's
+        # background job (`pytest &`) ignores SIGINT, and its children would inherit that.
+        preexec_fn=_sigint_default,
     )  # fmt: skip
     try:
         line = proc.stdout.readline()  # blocks until the server is ready (or the command died)
