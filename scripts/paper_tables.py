@@ -11,9 +11,12 @@ again with the same run directory, and the trainer resumes from its newest check
 is passed on to the running `deitlt` (it checkpoints and stops); run the same command again.
 
 Writes into --out: tables.md and tables.csv (mean and sample standard deviation over seeds of
-Overall/Head/Mid/Tail, paper groups, in percent, beside the paper's published figures), rows.md
-(the exact commands of every run), plots/*.png, and per run ``paper_tables.json`` (its overrides,
-wall and CPU seconds of every attempt), from which the budget line is summed.
+Overall/Head/Mid/Tail, paper groups, in percent, beside the paper's published figures; then the
+paper's claims checked seed by seed (CLAIMS) and, for row deitlt, the head fusion sweep and
+calibration of `deitlt eval`), rows.md (the exact commands of every run), summary.md (one
+paragraph for the README), plots/*.png, and per run ``paper_tables.json`` (its overrides, wall
+and CPU seconds of every attempt), from which the budget line is summed. ``--publish docs``
+makes docs/results.md from tables.md and puts the summary between the README's markers.
 
 ``--epochs``/``--teacher-epochs`` shorten the recipes and scale their epoch-denominated schedule
 (warm-up, DRW start, step milestones) in proportion; ``--set``/``--teacher-set`` add overrides to
@@ -47,7 +50,7 @@ import yaml
 
 from deitlt_scale.analysis.accuracy import group_bands
 from deitlt_scale.analysis.aggregate import Aggregate, aggregate
-from deitlt_scale.analysis.claims import Claim, Side, check, claims_markdown
+from deitlt_scale.analysis.claims import Claim, Side, Verdict, check, claims_markdown
 from deitlt_scale.analysis.plots import plot_group_bars, plot_per_class, save_figure
 from deitlt_scale.config import load as load_config
 from deitlt_scale.config import resolve_steps
@@ -484,6 +487,7 @@ def write_tables(
     seeds: Sequence[int],
     budget: str,
     claims: str,
+    heads: str,
     provenance: Sequence[str],
 ) -> None:
     head_label = {"cls": "CLS", "dist": "DIST", "mean": "mean of logits"}
@@ -556,6 +560,13 @@ def write_tables(
                "seed): the difference is better minus worse in percentage points, mean ± sample "
                "standard deviation of the per-seed differences; a claim holds when every seed "
                "agrees, fails when none does, and is mixed otherwise.", "", claims]  # fmt: skip
+    if heads:
+        md += ["", f"## The two heads of row {HEADS_ROW} and their average", "",
+               "`deitlt eval --tag latest --fusion-weight --calibration` of each seed's final "
+               "checkpoint (the test split: digits-lt has no val split, so no weight is chosen "
+               "on held-out data and none is applied above). Accuracy of the fused logits "
+               "w * CLS + (1 - w) * DIST, and each head's calibration, mean ± sample std over "
+               "seeds.", "", heads]  # fmt: skip
     md += ["", "![Overall/Head/Mid/Tail per row](plots/rows.png)", ""]
     if "deitlt" in students:
         md += ["![Per-class accuracy of row deitlt](plots/deitlt_per_class.png)", ""]
@@ -613,6 +624,71 @@ def write_rows(
         md += [shlex.join(["deitlt", *r.args]) for r in runs[row.name]]
         md += ["```", ""]
     (out / "rows.md").write_text("\n".join(md))
+
+
+HEADS_ROW = "deitlt"  # the row whose two heads are weighed against each other
+HEADS_DIR = "eval-heads"  # per run: `deitlt eval --fusion-weight --calibration` of its last step
+
+
+def analyse_heads(run: Run) -> Path:
+    """The head fusion sweep and calibration of ``run``'s final checkpoint, as a user gets
+    them from `deitlt eval`; run once (kept in RUN_DIR/eval-heads). Returns the posthoc dir."""
+    out = run.run_dir / HEADS_DIR
+    posthoc = out / "posthoc"
+    if not (posthoc / "posthoc.json").is_file():
+        args = ["eval", run.run_dir, "--tag", "latest", "--fusion-weight", "--calibration",
+                "--out", out]  # fmt: skip
+        log = run.run_dir.parent / f"{run.run_dir.name}.log"
+        code, _, _ = deitlt(args, log)
+        if code != 0:
+            raise SystemExit(f"paper_tables: error: deitlt eval of {run.run_dir} failed "
+                             f"(exit {code}); see {log}")  # fmt: skip
+    return posthoc
+
+
+def _read_csv(path: Path) -> list[dict[str, str]]:
+    with open(path) as f:
+        return list(csv.DictReader(f))
+
+
+def heads_markdown(posthoc_dirs: Sequence[Path]) -> str:
+    """Row ``HEADS_ROW``'s heads weighed against each other, over its seeds: the accuracy of
+    w * CLS + (1 - w) * DIST logits for every w, and each head's calibration."""
+    sweeps = [
+        [r for r in _read_csv(d / "fusion.csv") if r["split"] == "test"] for d in posthoc_dirs
+    ]
+    calib = [[r for r in _read_csv(d / "calibration.csv") if r["split"] == "test"]
+             for d in posthoc_dirs]  # fmt: skip
+    named = {0.0: "DIST alone", 0.5: "the paper's mean of logits", 1.0: "CLS alone"}
+    lines = ["| w (CLS weight) | Overall | Head | Mid | Tail | |", "|---|---|---|---|---|---|"]
+    best: list[float] = []
+    for i, first in enumerate(sweeps[0]):
+        w = float(first["weight"])
+        cells = [_cell(aggregate([{g: float(s[i][g])} for s in sweeps])[g]) for g in COLUMNS]
+        lines.append(f"| {w:.1f} | {' | '.join(cells)} | {named.get(round(w, 1), '')} |")
+    for sweep in sweeps:
+        best.append(float(max(sweep, key=lambda r: float(r["overall"]))["weight"]))
+    lines += ["", "| head | accuracy | confidence | ECE (15 bins) | NLL (nats) |",
+              "|---|---|---|---|---|"]  # fmt: skip
+    for j, first in enumerate(calib[0]):
+        agg = aggregate([{k: float(c[j][k]) for k in ("accuracy", "confidence", "ece")}
+                         for c in calib])  # fmt: skip
+        nll = aggregate([{"nll": float(c[j]["nll"])} for c in calib])["nll"]
+        nll_cell = f"{nll.mean:.2f}" + ("" if math.isnan(nll.std) else f" ± {nll.std:.2f}")
+        lines.append(f"| {first['predictor']} | {_cell(agg['accuracy'])} | "
+                     f"{_cell(agg['confidence'])} | {_cell(agg['ece'])} | {nll_cell} |")  # fmt: skip
+
+    def tail_at(w: float) -> str:
+        values = [{"tail": float(next(r for r in sw if float(r["weight"]) == w)["tail"])}
+                  for sw in sweeps]  # fmt: skip
+        return _cell(aggregate(values)["tail"])
+
+    tail = {w: tail_at(w) for w in (0.0, 0.5, 1.0)}
+    lines += ["", "The w with the best overall accuracy, per seed: "
+              + ", ".join(f"{w:.1f}" for w in best) + f". On the tail classes the mean of "
+              f"logits scores {tail[0.5]}, between the DIST head's {tail[0.0]} and the CLS "
+              f"head's {tail[1.0]}."]  # fmt: skip
+    return "\n".join(lines)
 
 
 def write_plots(out: Path, rows: Sequence[Row], students: Mapping[str, dict[str, Aggregate]],
@@ -690,17 +766,51 @@ def _cuda() -> bool:
     return torch.cuda.is_available()
 
 
-def publish(out: Path, docs: Path) -> Path:
+SUMMARY_START = "<!-- paper-tables summary: written by scripts/paper_tables.py --publish -->"
+SUMMARY_END = "<!-- end of paper-tables summary -->"
+
+
+def summary(students: Mapping[str, dict[str, Aggregate]], verdicts: Sequence[Verdict],
+            seeds: Sequence[int]) -> str:  # fmt: skip
+    """One paragraph for the README: DeiT-LT against the ViT, and how many claims hold."""
+    parts = [f"On digits-lt over {len(seeds)} seed(s)"]
+    if "deitlt" in students and "vit" in students:
+        parts.append(
+            f", DeiT-LT's averaged prediction scores {_cell(students['deitlt'].get('mean/overall'))} "
+            f"overall against {_cell(students['vit'].get('cls/overall'))} for the ViT trained "
+            f"alone (tail: {_cell(students['deitlt'].get('mean/paper/tail'))} against "
+            f"{_cell(students['vit'].get('cls/paper/tail'))})"
+        )
+    held = sum(v.outcome.startswith("holds") for v in verdicts)
+    parts.append(f"; {held} of the paper's {len(verdicts)} claims tested hold on every seed.")
+    return "".join(parts)
+
+
+def publish(out: Path, docs: Path) -> list[Path]:
     """``docs/results.md`` from ``out/tables.md`` (its plots copied to ``docs/img/paper-tables``
-    and the links pointed there); returns the page written."""
+    and the links pointed there) and, where ``docs/../README.md`` holds the summary markers,
+    the summary between them; returns the files written."""
     images = docs / "img" / "paper-tables"
     images.mkdir(parents=True, exist_ok=True)
     for plot in sorted((out / "plots").glob("*.png")):
         shutil.copyfile(plot, images / plot.name)
     page = (out / "tables.md").read_text().replace("](plots/", "](img/paper-tables/")
-    target = docs / "results.md"
+    written = [_replace_file(docs / "results.md", page)]
+    readme = docs.parent / "README.md"
+    text = readme.read_text() if readme.is_file() else ""
+    if SUMMARY_START in text and SUMMARY_END in text:
+        head, rest = text.split(SUMMARY_START, 1)
+        _, tail = rest.split(SUMMARY_END, 1)
+        block = (out / "summary.md").read_text().strip()
+        written.append(
+            _replace_file(readme, f"{head}{SUMMARY_START}\n{block}\n{SUMMARY_END}{tail}")
+        )
+    return written
+
+
+def _replace_file(target: Path, text: str) -> Path:
     tmp = target.with_name(f".{target.name}.partial")
-    tmp.write_text(page)
+    tmp.write_text(text)
     tmp.replace(target)
     return target
 
@@ -804,14 +914,20 @@ def main(argv: Sequence[str] | None = None) -> int:
         budget += f"; row deitlt, CLS head on the head classes: {_cell(students['deitlt'].get('cls/paper/head'))}"
     budget += "."
     per_seed = {r.name: [metrics(run) for run in runs[r.reuses or r.name]] for r in rows}
+    students_by_row = {r.name: students[r.reuses or r.name] for r in rows}
     per_seed |= {f"teacher {n}": [metrics(r) for r in runs[f"teacher {n}"]] for n in teachers}
     verdicts = check(CLAIMS, per_seed)
     claims = claims_markdown(verdicts, per_seed) if verdicts else ""
-    write_tables(out, rows, students, teacher_aggs, args.seeds, budget, claims,
+    heads = ""
+    if any(r.name == HEADS_ROW or r.reuses == HEADS_ROW for r in rows):
+        heads = heads_markdown([analyse_heads(r) for r in runs[HEADS_ROW]])
+    write_tables(out, rows, students, teacher_aggs, args.seeds, budget, claims, heads,
                  provenance(argv, all_runs))  # fmt: skip
     write_plots(out, rows, students, runs.get("deitlt", []), data)
+    (out / "summary.md").write_text(summary(students_by_row, verdicts, args.seeds) + "\n")
     if args.publish:
-        print(f"paper_tables: published {publish(out, args.publish)}")
+        for path in publish(out, args.publish):
+            print(f"paper_tables: published {path}")
     print(budget)
     print(
         f"paper_tables: {len(all_runs)} runs in {time.perf_counter() - t_start:.0f} s; "

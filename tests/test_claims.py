@@ -64,6 +64,13 @@ def test_sides_with_different_seed_counts_are_refused_by_name():
         check([claim], {"a": [{"m": 0.1}, {"m": 0.2}], "b": [{"m": 0.1}]})
 
 
+def test_a_metric_a_run_lacks_is_named_with_its_claim():
+    with pytest.raises(
+        ValueError, match="'DIST is the tail expert': deitlt has no dist/paper/tail"
+    ):
+        check([CLAIM], {"deitlt": [{"cls/paper/tail": 0.1}]})
+
+
 def test_the_markdown_row_gives_both_means_the_difference_and_the_verdict():
     per_seed = _runs((0.30, 0.10), (0.20, 0.10))
     table = claims_markdown(check([CLAIM], per_seed), per_seed)
@@ -85,3 +92,23 @@ def test_every_claim_of_the_grid_names_a_row_or_teacher_and_a_head_it_reports():
                 assert head == "teacher", side
             else:
                 assert head in students[side.runs], side
+
+
+def test_the_readme_summary_names_both_models_and_counts_the_claims_that_hold():
+    agg = paper_tables.aggregate
+    students = {
+        "deitlt": agg([{"mean/overall": 0.35, "mean/paper/tail": 0.15},
+                       {"mean/overall": 0.37, "mean/paper/tail": 0.17}]),
+        "vit": agg([{"cls/overall": 0.20, "cls/paper/tail": 0.0},
+                    {"cls/overall": 0.22, "cls/paper/tail": 0.0}]),
+    }  # fmt: skip
+    per_seed = {"deitlt": [{"mean/overall": 0.35}, {"mean/overall": 0.37}],
+                "vit": [{"cls/overall": 0.20}, {"cls/overall": 0.22}]}  # fmt: skip
+    vit_claims = [c for c in paper_tables.CLAIMS if c.worse.runs == "vit"]
+    verdicts = check(vit_claims, per_seed)
+    assert [v.outcome for v in verdicts] == ["holds"]
+    assert paper_tables.summary(students, verdicts, [0, 1]) == (
+        "On digits-lt over 2 seed(s), DeiT-LT's averaged prediction scores 36.0 ± 1.4 overall "
+        "against 21.0 ± 1.4 for the ViT trained alone (tail: 16.0 ± 1.4 against 0.0 ± 0.0); "
+        "1 of the paper's 1 claims tested hold on every seed."
+    )

@@ -32,6 +32,8 @@ SHRINK = [
     "--teacher-set", "train.max_steps=3", "tracking.enabled=false", "data.num_threads=1",
 ]  # fmt: skip
 RUNS = ("teachers/ce_weak-seed0", "students/vit-seed0", "students/ood-seed0")
+README = (f"# A project\n\nbefore\n{paper_tables.SUMMARY_START}\nstale figures\n"
+          f"{paper_tables.SUMMARY_END}\nafter\n")  # fmt: skip
 
 
 def _invoke(out: Path, *extra: str) -> subprocess.CompletedProcess:
@@ -48,6 +50,7 @@ def grid(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, str, str]:
     ``out/docs``: (out, first stdout, second stdout)."""
     out = tmp_path_factory.mktemp("paper-tables")
     first = _invoke(out).stdout
+    (out / "README.md").write_text(README)
     second = _invoke(out, "--publish", str(out / "docs")).stdout
     return out, first, second
 
@@ -155,6 +158,14 @@ def test_publishing_writes_the_tables_as_the_results_page_with_its_plots_beside_
     assert copied.read_bytes() == (out / "plots" / "rows.png").read_bytes()
 
 
+def test_publishing_puts_the_summary_between_the_readmes_markers_and_nothing_else(grid):
+    out, _, second = grid
+    summary = (out / "summary.md").read_text().strip()
+    assert summary.startswith("On digits-lt over 1 seed(s); 0 of the paper's 0 claims tested")
+    assert f"published {out / 'README.md'}" in second
+    assert (out / "README.md").read_text() == README.replace("stale figures", summary)
+
+
 def test_the_tables_name_the_command_the_machine_and_the_dates_of_the_runs(grid):
     out, _, _ = grid
     md = (out / "tables.md").read_text()
@@ -174,6 +185,26 @@ def test_the_claims_section_appears_only_when_a_claim_has_both_sides_measured(gr
     per_seed = {"ood": [{"mean/overall": 0.40}], "deit_indist": [{"mean/overall": 0.30}]}
     (verdict,) = paper_tables.check(paper_tables.CLAIMS, per_seed)
     assert verdict.claim.source == "Table 5, rows 1-2" and verdict.outcome == "holds (one seed)"
+
+
+def test_the_heads_sweep_puts_dist_the_mean_and_cls_at_w_0_half_and_1(grid):
+    out, _, _ = grid
+    run = paper_tables.Run("ood", 0, ("train",), "recipes/tiny_digits.yaml", [],
+                           out / "students" / "ood-seed0")  # fmt: skip
+    posthoc = paper_tables.analyse_heads(run)
+    log = out / "students" / "ood-seed0.log"
+    evals = log.read_text().count("$ deitlt eval ")
+    assert paper_tables.analyse_heads(run) == posthoc  # kept: not evaluated again
+    assert log.read_text().count("$ deitlt eval ") == evals == 1
+    table = paper_tables.heads_markdown([posthoc]).splitlines()
+    final = paper_tables.metrics(run)
+    for w, head in (("0.0", "dist"), ("0.5", "mean"), ("1.0", "cls")):
+        cells = next(x for x in table if x.startswith(f"| {w} |")).strip("|").split("|")
+        expected = [100 * final[paper_tables.group_key(head, g)] for g in paper_tables.COLUMNS]
+        assert [float(c) for c in cells[1:5]] == pytest.approx(expected, abs=0.051)
+    assert sum(x.startswith("| 0.") or x.startswith("| 1.") for x in table) == 11
+    assert {x.split("|")[1].strip() for x in table if x.startswith("| ") and "accuracy" not in x
+            and x.split("|")[1].strip() in ("cls", "dist", "mean")} == {"cls", "dist", "mean"}  # fmt: skip
 
 
 def test_a_missing_teacher_recipe_is_named_before_anything_runs(tmp_path):

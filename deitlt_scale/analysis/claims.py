@@ -79,6 +79,11 @@ def check(claims: Sequence[Claim], per_seed: Mapping[str, Sequence[Metrics]]) ->
                 f"claim {claim.statement!r}: {len(better)} seed(s) of {claim.better.runs} "
                 f"against {len(worse)} of {claim.worse.runs}; pair them seed by seed"
             )
+        for side, runs in ((claim.better, better), (claim.worse, worse)):
+            if any(side.metric not in m for m in runs):
+                raise ValueError(
+                    f"claim {claim.statement!r}: {side.runs} has no {side.metric} in every seed"
+                )
         diffs = tuple(
             100 * (b[claim.better.metric] - w[claim.worse.metric])
             for b, w in zip(better, worse, strict=True)
