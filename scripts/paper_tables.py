@@ -487,7 +487,7 @@ def write_tables(
     seeds: Sequence[int],
     budget: str,
     claims: str,
-    heads: str,
+    heads_section: str,
     provenance: Sequence[str],
 ) -> None:
     head_label = {"cls": "CLS", "dist": "DIST", "mean": "mean of logits"}
@@ -560,13 +560,13 @@ def write_tables(
                "seed): the difference is better minus worse in percentage points, mean ± sample "
                "standard deviation of the per-seed differences; a claim holds when every seed "
                "agrees, fails when none does, and is mixed otherwise.", "", claims]  # fmt: skip
-    if heads:
+    if heads_section:
         md += ["", f"## The two heads of row {HEADS_ROW} and their average", "",
                "`deitlt eval --tag latest --fusion-weight --calibration` of each seed's final "
                "checkpoint (the test split: digits-lt has no val split, so no weight is chosen "
                "on held-out data and none is applied above). Accuracy of the fused logits "
                "w * CLS + (1 - w) * DIST, and each head's calibration, mean ± sample std over "
-               "seeds.", "", heads]  # fmt: skip
+               "seeds.", "", heads_section]  # fmt: skip
     md += ["", "![Overall/Head/Mid/Tail per row](plots/rows.png)", ""]
     if "deitlt" in students:
         md += ["![Per-class accuracy of row deitlt](plots/deitlt_per_class.png)", ""]
@@ -918,10 +918,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     per_seed |= {f"teacher {n}": [metrics(r) for r in runs[f"teacher {n}"]] for n in teachers}
     verdicts = check(CLAIMS, per_seed)
     claims = claims_markdown(verdicts, per_seed) if verdicts else ""
-    heads = ""
+    heads_section = ""
     if any(r.name == HEADS_ROW or r.reuses == HEADS_ROW for r in rows):
-        heads = heads_markdown([analyse_heads(r) for r in runs[HEADS_ROW]])
-    write_tables(out, rows, students, teacher_aggs, args.seeds, budget, claims, heads,
+        heads_section = heads_markdown([analyse_heads(r) for r in runs[HEADS_ROW]])
+    write_tables(out, rows, students, teacher_aggs, args.seeds, budget, claims, heads_section,
                  provenance(argv, all_runs))  # fmt: skip
     write_plots(out, rows, students, runs.get("deitlt", []), data)
     (out / "summary.md").write_text(summary(students_by_row, verdicts, args.seeds) + "\n")
