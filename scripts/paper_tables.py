@@ -223,7 +223,11 @@ def group_key(head: str, group: str) -> str:
 
 def _side(runs: str, head: str, group: str) -> Side:
     """The ``group`` accuracy of ``head`` in the runs of row (or "teacher NAME") ``runs``."""
-    name = {"cls": "CLS", "dist": "DIST", "mean": "mean", "teacher": "teacher"}[head]
+    if head == "teacher":  # runs == "teacher NAME"
+        return Side(
+            runs, group_key(head, group), f"{runs.split()[1]} teacher, {group.capitalize()}"
+        )
+    name = {"cls": "CLS", "dist": "DIST", "mean": "mean"}[head]
     return Side(runs, group_key(head, group), f"{runs} {name}, {group.capitalize()}")
 
 
