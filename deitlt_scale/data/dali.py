@@ -7,8 +7,8 @@ to convert ``if`` statements on data into conditional splits (``enable_condition
 
 Train graph (METHOD.md 4.2, timm ``transforms_imagenet_train``, in this order):
 
-1. the encoded ``<key>.jpg`` bytes of the micro-batch's samples, fed by ``fn.external_source``
-   from a Python callback (``loader.TrainLoader``: the order is the reference sampler's,
+1. the encoded ``<key>.jpg`` bytes of the micro-batch's samples, fed to ``fn.external_source``
+   by the loader (``loader.TrainLoader``: the order is the reference sampler's,
    :mod:`deitlt_scale.data.epoch_plan`); a batch may hold fewer samples than ``batch_size``;
 2. ``repeats == 1`` (no repeated augmentation, or ``data.repeated_aug_decode=per_copy``, where the
    loader feeds each copy's bytes): decoding fused with the crop of step 3
@@ -42,7 +42,7 @@ to :data:`LABEL_BYTES`, parsed to int64 on the torch side (``loader.parse_labels
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -589,14 +589,14 @@ def key_view(images, graph: TrainGraph):
 
 
 @pipeline_def(enable_conditionals=True)
-def train_pipeline(source: Callable, graph: TrainGraph, device: str):
+def train_pipeline(graph: TrainGraph, device: str):
     """Outputs ``images``: (E, 3, S, S) float32 for ``repeats == 1``, else (E, repeats, 3, S, S),
-    and (E, 2, 3, S, S) (query, key) with ``graph.views``, for the E encoded samples
-    ``source(batch_info)`` returns (a list of 1-D uint8 arrays; it raises StopIteration past the
-    epoch's end)."""
-    jpegs = fn.external_source(
-        source=source, batch=True, batch_info=True, dtype=types.UINT8, ndim=1, name=ENCODED_NAME
-    )
+    and (E, 2, 3, S, S) (query, key) with ``graph.views``, for the E encoded samples fed to the
+    input named :data:`ENCODED_NAME` (a list of 1-D uint8 arrays per batch, ``feed_input``).
+
+    The graph has no callback so that it serializes: the loader defines it once and deserializes
+    it per epoch with the epoch's seed (``loader.TrainLoader``)."""
+    jpegs = fn.external_source(batch=True, dtype=types.UINT8, ndim=1, name=ENCODED_NAME)
     if graph.views is not None:
         images = fn.decoders.image(jpegs, device=_decoder_device(device), output_type=types.RGB)
         return fn.stack(query_view(images, graph), key_view(images, graph))

@@ -15,11 +15,14 @@ separate branches, and the copies are put in order on the torch side. Either way
 its own augmentation draws, seeded by ``(seed, epoch, rank)``, and every :class:`Batch` carries
 the stored sample index of each image.
 
-A pipeline is built per epoch (its seed is the epoch's). Defining the graph takes a third of a
-second of Python (three times that with three branches; ``deitlt bench data``), which on a small
-dataset (CIFAR-LT: a few dozen micro-batches per epoch) would stall every epoch: so when an epoch
-starts, the next epoch's pipeline is defined in a background thread (DALI keeps the pipeline
-being defined per thread), and is ready when that epoch starts.
+Each epoch runs its own pipeline, seeded with the epoch's seed. The graph is defined in Python
+once per loader (a fraction of a second: RandAugment's conditionals are traced by DALI's
+AutoGraph) and serialized; every epoch deserializes it with its own seed, which is a few tens of
+milliseconds of C++. Defining the graph anew each epoch held the interpreter lock long enough to
+slow a small recipe's training by 1.7x (digits-lt: six steps an epoch; docs/benchmarks.md). The
+next epoch's pipeline is still made in a background thread while the current epoch runs. The
+encoded samples reach the graph through ``feed_input`` from the pipeline's ``iter_setup`` (the
+deserialized graph has no Python callback), one micro-batch per run.
 
 Resuming (``start > 0``) rebuilds the same pipeline and runs and discards the first ``start``
 micro-batches, so the samples and the augmentation draws equal those of an uninterrupted epoch.
@@ -43,9 +46,17 @@ from typing import Literal
 
 import numpy as np
 import torch
+from nvidia.dali import Pipeline
 
 from deitlt_scale.config import DataConfig
-from deitlt_scale.data.dali import LABEL_BYTES, ContrastViews, EvalGraph, TrainGraph, shard_range
+from deitlt_scale.data.dali import (
+    ENCODED_NAME,
+    LABEL_BYTES,
+    ContrastViews,
+    EvalGraph,
+    TrainGraph,
+    shard_range,
+)
 from deitlt_scale.data.epoch_plan import EpochLayout, MicroBatch, epoch_plan
 from deitlt_scale.data.meta import DatasetMeta
 from deitlt_scale.data.sample_store import SampleStore, ShardError, open_store
@@ -284,18 +295,30 @@ def _to_device(tensor: torch.Tensor, device: torch.device) -> torch.Tensor:
 
 
 class _Feed:
-    """The external source of one epoch's pipeline: micro-batch ``i``'s encoded samples, once
-    per image (``per_copy``: in the micro-batch's order) or once per entry (``once``)."""
+    """The input of one epoch's pipeline: the next micro-batch's encoded samples, once per image
+    (``per_copy``: in the micro-batch's order) or once per entry (``once``)."""
 
     def __init__(self, store: SampleStore, plan: list[MicroBatch], per_copy: bool) -> None:
         self.store, self.plan, self.per_copy = store, plan, per_copy
+        self.fed = 0  # micro-batches handed to the pipeline so far
 
-    def __call__(self, info) -> list[np.ndarray]:
-        if info.iteration >= len(self.plan):
+    def next_batch(self) -> list[np.ndarray]:
+        if self.fed >= len(self.plan):
             raise StopIteration
-        micro = self.plan[info.iteration]
+        micro = self.plan[self.fed]
+        self.fed += 1
         samples = micro.positions() if self.per_copy else micro.samples
         return [self.store.encoded(int(i)) for i in samples]
+
+
+class _FedPipeline(Pipeline):
+    """A deserialized train graph whose input is fed from ``feed`` before each run (DALI's
+    ``iter_setup`` hook; StopIteration past the epoch's last micro-batch ends the epoch)."""
+
+    feed: _Feed
+
+    def iter_setup(self) -> None:
+        self.feed_input(ENCODED_NAME, self.feed.next_batch())
 
 
 class TrainLoader:
@@ -359,6 +382,7 @@ class TrainLoader:
         self.backend = resolve_backend(cfg.device)
         self.store = open_store(self.shards, cfg.cache_mb * 2**20)
         self.labels = torch.from_numpy(self.store.labels)
+        self._serialized: bytes | None = None  # the train graph, see serialized_graph()
         self._definer = ThreadPoolExecutor(max_workers=1, thread_name_prefix="dali-next-epoch")
         # (epoch, its pipeline and plan being defined)
         self._next: tuple[int, Future] | None = None
@@ -410,23 +434,39 @@ class TrainLoader:
                 )
         return self._batches(epoch, start)
 
+    def serialized_graph(self) -> bytes:
+        """The train graph, defined (in Python, once) and serialized; no CUDA is needed."""
+        if self._serialized is None:
+            from deitlt_scale.data.dali import train_pipeline
+
+            pipe = train_pipeline(
+                graph=self.graph,
+                device=self.backend,
+                batch_size=self.micro_batch,
+                num_threads=self.cfg.num_threads,
+                device_id=None,  # given when deserialized: defining needs no CUDA
+            )
+            self._serialized = pipe.serialize()
+        return self._serialized
+
     def build_pipeline(self, epoch: int):
         return self._define(epoch)[0]
 
     def _define(self, epoch: int) -> tuple[object, list[MicroBatch]]:
-        from deitlt_scale.data.dali import train_pipeline
-
         plan = self.plan(epoch)
-        pipe = train_pipeline(
-            source=_Feed(self.store, plan, self.per_copy),
-            graph=self.graph,
-            device=self.backend,
+        pipe = _FedPipeline.deserialize(
+            serialized_pipeline=self.serialized_graph(),
             batch_size=self.micro_batch,
             num_threads=self.cfg.num_threads,
             device_id=_device_id(self.backend, self.device),
             seed=derive_seed("augment", self.seed, epoch, self.rank),
             prefetch_queue_depth=self.cfg.prefetch,
+            # deserialize() defaults to the simple executor; these are the Pipeline defaults.
+            exec_pipelined=True,
+            exec_async=True,
+            exec_dynamic=True,
         )
+        pipe.feed = _Feed(self.store, plan, self.per_copy)
         return pipe, plan
 
     def _pipeline(self, epoch: int) -> tuple[object, list[MicroBatch]]:
