@@ -65,7 +65,9 @@ class Task:
     name: ClassVar[str]
     command: ClassVar[str]  # the CLI verb that trains this kind of run
     spec_file: ClassVar[str]  # RUN_DIR file describing the trained network
-    headline: ClassVar[str]  # eval metric key that selects the best checkpoint
+    # The eval metric that selects the best checkpoint: a head's mean per-class accuracy, which
+    # is its overall accuracy on a balanced split and stays fair on an imbalanced val split.
+    headline: ClassVar[str]
     teacher: TeacherRunner | None = None
 
     def __init__(self, cfg: Config, meta: DatasetMeta) -> None:
@@ -199,7 +201,7 @@ class DeiTLTTask(_StudentTask):
     """The DeiT-LT student (CLS + DIST tokens) and its frozen teacher."""
 
     name = "deitlt"
-    headline = "mean/overall"
+    headline = "mean/mean_class"
 
     def __init__(self, cfg: Config, meta: DatasetMeta, device: torch.device | None = None) -> None:
         super().__init__(cfg, meta)
@@ -222,7 +224,7 @@ class ViTTask(_StudentTask):
     """The plain ViT baseline: a CLS token only, trained on the ground truth, no teacher."""
 
     name = "vit"
-    headline = "cls/overall"
+    headline = "cls/mean_class"
 
     def __init__(self, cfg: Config, meta: DatasetMeta, device: torch.device | None = None) -> None:
         super().__init__(cfg, meta)
@@ -251,7 +253,7 @@ class TeacherTask(Task):
     name = "teacher"
     command = "teacher train"
     spec_file = "model.json"
-    headline = "teacher/overall"
+    headline = "teacher/mean_class"
 
     def __init__(self, cfg: Config, meta: DatasetMeta, device: torch.device | None = None) -> None:
         from deitlt_scale.losses import teacher_objective

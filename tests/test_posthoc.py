@@ -228,9 +228,9 @@ def deitlt_eval(*args) -> subprocess.CompletedProcess:
 @pytest.mark.slow
 def test_training_with_a_val_split_chooses_its_best_checkpoint_there(trained_run):
     chosen = json.loads((trained_run / "eval" / "selection.json").read_text())
-    assert chosen["split"] == "val" and chosen["metric"] == "mean/overall"
+    assert chosen["split"] == "val" and chosen["metric"] == "mean/mean_class"
     val = json.loads((trained_run / "eval" / "val" / "latest.json").read_text())
-    assert chosen["value"] == pytest.approx(val["metrics"]["mean/overall"])
+    assert chosen["value"] == pytest.approx(val["metrics"]["mean/mean_class"])
     assert val["step"] == chosen["step"]
 
 

@@ -1,5 +1,5 @@
-"""`deitlt data`: prepare long-tailed WebDataset shards (prepare), inspect them (inspect), and
-list the order the train loader reads them in (order)."""
+"""`deitlt data`: prepare long-tailed WebDataset shards (prepare), inspect them (inspect), list
+the order the train loader reads them in (order), and draw what a recipe trains on (preview)."""
 
 from __future__ import annotations
 
@@ -11,7 +11,7 @@ from pathlib import Path
 
 from deitlt_scale.data import source_table
 
-HELP = "prepare long-tailed WebDataset shards, inspect them, list the train order"
+HELP = "prepare long-tailed WebDataset shards, inspect them, list the train order, preview"
 PLOT_FILE = "class_counts.png"
 SOURCES = tuple(source_table.SOURCES)  # the source table imports only the standard library
 
@@ -79,9 +79,10 @@ def register(parser: argparse.ArgumentParser) -> None:
     prep.add_argument(
         "--val-per-class",
         metavar="K",
-        type=int,
+        type=_val_per_class,
         help="cifar/digits: hold out K images per class as a val split for model selection, from "
-        "the training images the long tail leaves unused (never the test split)",
+        "the training images the long tail leaves unused (never the test split); 'all': every "
+        "unused image (class-imbalanced: choose on its mean per-class accuracy)",
     )
     prep.add_argument(
         "--val-list",
@@ -163,6 +164,28 @@ def register(parser: argparse.ArgumentParser) -> None:
         help="read the loader's plan (what it feeds DALI) instead of decoding every image",
     )
     order.set_defaults(_data=_run_order)
+
+    preview = sub.add_parser(
+        "preview",
+        help="draw what the student trains on (augmented, mixed, the teacher's label on each) "
+        "and what its teacher trained on",
+        description="Draw the first micro-batch of the recipe as the trainer builds it (DALI "
+        "augmentation, Mixup/CutMix, the frozen teacher's label on each mixed image, green when "
+        "it names one of the image's labels, red when neither) above the first micro-batch of "
+        "the teacher's own recipe. Prints how often the teacher agreed.",
+    )
+    preview.add_argument("recipe", help="student recipe, e.g. recipes/tiny_digits.yaml")
+    preview.add_argument("overrides", nargs="*", help="dotted overrides, as for deitlt train")
+    preview.add_argument("--out", required=True, type=Path, metavar="PNG", help="PNG to write")
+    preview.add_argument(
+        "--images", type=int, default=24, metavar="N", help="student images (even; default 24)"
+    )
+    preview.add_argument(
+        "--teacher-recipe",
+        metavar="YAML",
+        help="the teacher's recipe (default: the config.yaml of the run that wrote teacher.path)",
+    )
+    preview.set_defaults(_data=_run_preview)
 
 
 def run(args: argparse.Namespace) -> int:
@@ -398,3 +421,45 @@ def _run_order(args: argparse.Namespace) -> int:
     for epoch in stats:
         print(epoch.line())
     return 0
+
+
+def _run_preview(args: argparse.Namespace) -> int:
+    from deitlt_scale import config as config_mod
+    from deitlt_scale.analysis import preview
+    from deitlt_scale.analysis.plots import save_figure
+    from deitlt_scale.data import meta as meta_mod
+    from deitlt_scale.errors import UserError
+
+    if args.images < 2 or args.images % 2:
+        raise UserError(f"--images must be an even number >= 2, got {args.images}")
+    cfg = config_mod.load(args.recipe, args.overrides)
+    meta = meta_mod.load(cfg.data.shards)
+    student = preview.student_batch(cfg, meta, args.images)
+    teacher_cfg = preview.teacher_config(cfg, args.teacher_recipe)
+    teacher = None
+    if teacher_cfg is not None:
+        teacher = preview.teacher_batch(teacher_cfg, cfg.data.shards, meta, min(8, args.images))
+    line = preview.summary(student)
+    fig = preview.draw(student, teacher, meta.class_names, f"{args.recipe}: {line}")
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    save_figure(fig, args.out)
+    print(f"{line}\nwrote {args.out}")
+    if teacher_cfg is None:
+        print(
+            "no teacher recipe found (teacher.path has no config.yaml beside it): only the "
+            "student's images are drawn; pass --teacher-recipe to add the teacher's"
+        )
+    return 0
+
+
+def _val_per_class(text: str) -> int | str:
+    from deitlt_scale.data.sources import VAL_ALL
+
+    if text == VAL_ALL:
+        return VAL_ALL
+    try:
+        return int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(
+            f"expected a number or {VAL_ALL!r}, got {text!r}"
+        ) from None

@@ -104,7 +104,7 @@ def prepare_dataset(
     profile: str = "exp",
     num_classes: int | None = None,
     name: str | None = None,
-    val_per_class: int | None = None,
+    val_per_class: int | str | None = None,
     val_list: str | Path | None = None,
     shard_size: int | str = DEFAULT_SHARD_SIZE,
     workers: int = 1,

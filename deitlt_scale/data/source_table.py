@@ -51,7 +51,7 @@ class SourceArgs:
     imbalance: float | None = None
     name: str | None = None
     profile: str = "exp"
-    val_per_class: int | None = None
+    val_per_class: int | str | None = None
     val_list: str | Path | None = None
     skip_bad: bool = False  # list sources: skip bad lines instead of failing; others ignore it
 

@@ -9,6 +9,7 @@ the CIFAR and digits readers hold their pixel arrays, which are small by constru
 from __future__ import annotations
 
 import io
+import json
 import os
 import pickle
 import tarfile
@@ -43,6 +44,9 @@ SELECTION_SEED = 0
 # The held-out validation split (--val-per-class) draws with its own stream, so adding it leaves
 # the reference's long-tail selection untouched.
 VAL_SEED = 1
+# --val-per-class all: every image the long-tailed selection leaves unused (a class-imbalanced
+# split that moves nothing out of train; choose on its mean per-class accuracy).
+VAL_ALL = "all"
 DEFAULT_NUM_CLASSES = {"imagenet-lt": 1000, "inat2018": 8142, "places-lt": 365}
 DEFAULT_LISTS = {
     "imagenet-lt": (
@@ -111,11 +115,13 @@ def hold_out_val(
     labels: np.ndarray,
     train: Sequence[int],
     pool: Sequence[int],
-    per_class: int,
+    per_class: int | str,
     seed: int = VAL_SEED,
 ) -> tuple[list[int], list[int], dict[int, int]]:
     """A balanced validation split of ``per_class`` rows per class, disjoint from the train
-    rows and from anything outside ``pool`` (the test split never is in it).
+    rows and from anything outside ``pool`` (the test split never is in it). ``per_class`` =
+    :data:`VAL_ALL` takes every unused pool row instead (as many per class as there are) and
+    never touches the train split.
 
     The val rows of class ``c`` are drawn (a ``RandomState(seed)`` shuffle, classes in
     ascending order) from the pool rows the long-tailed ``train`` selection left unused. Where
@@ -125,12 +131,16 @@ def hold_out_val(
     that much smaller than the reference's. Returns ``(train, val, moved)``; ``train`` keeps its
     order.
     """
-    if per_class < 1:
-        raise UserError(f"--val-per-class must be >= 1, got {per_class}")
+    every = per_class == VAL_ALL
+    if not every and (not isinstance(per_class, int) or per_class < 1):
+        raise UserError(f"--val-per-class must be >= 1 or {VAL_ALL!r}, got {per_class!r}")
     rng = np.random.RandomState(seed)
     labels = np.asarray(labels)
     train_set = set(int(i) for i in train)
     pool = np.asarray(sorted(int(i) for i in pool))
+    if every:
+        unused = [int(i) for i in pool if int(i) not in train_set]
+        return [int(i) for i in train], unused, {}
     val: list[int] = []
     moved: dict[int, int] = {}
     dropped: set[int] = set()
@@ -335,7 +345,7 @@ def read_cifar(
     root: str | Path,
     imbalance: float = CIFAR_IMBALANCE,
     profile: str = "exp",
-    val_per_class: int | None = None,
+    val_per_class: int | str | None = None,
 ) -> SourceData:
     """CIFAR-10/100-LT from the python tarball or its extracted folder (METHOD.md 1.1).
 
@@ -392,7 +402,7 @@ def read_cifar(
     )
 
 
-def _val_details(per_class: int, moved: dict[int, int]) -> dict[str, Any]:
+def _val_details(per_class: int | str, moved: dict[int, int]) -> dict[str, Any]:
     return {
         "val_per_class": per_class,
         "val_source": "training images the long-tailed selection left unused "
@@ -405,7 +415,9 @@ def _val_details(per_class: int, moved: dict[int, int]) -> dict[str, Any]:
 
 
 def read_digits(
-    imbalance: float = DIGITS_IMBALANCE, profile: str = "exp", val_per_class: int | None = None
+    imbalance: float = DIGITS_IMBALANCE,
+    profile: str = "exp",
+    val_per_class: int | str | None = None,
 ) -> SourceData:
     """The embedded default dataset: scikit-learn's 8x8 handwritten digits, long-tailed.
 
@@ -574,6 +586,26 @@ def _names_from_parents(records: list[Record], root: Path, num_classes: int) -> 
     return names
 
 
+INAT_CATEGORIES = "categories.json"  # iNaturalist-2018's category file, beside the lists
+
+
+def _inat_category_names(root: Path, num_classes: int) -> list[str] | None:
+    """Per label, the species name iNaturalist-2018's ``categories.json`` gives its category id
+    (``[{"id": 0, "name": "Plantae ...", ...}, ...]``); None when the file is absent or does
+    not name every class."""
+    path = root / INAT_CATEGORIES
+    if not path.is_file():
+        return None
+    try:
+        entries = json.loads(path.read_text())
+        names = {int(e["id"]): str(e["name"]) for e in entries}
+    except (ValueError, TypeError, KeyError) as err:
+        raise UserError(f"{path} is not iNaturalist's category list ({err})") from None
+    if sorted(names) != list(range(num_classes)):
+        return None
+    return [names[c] for c in range(num_classes)]
+
+
 def _default_list(dataset: str, root: Path, which: int, flag: str) -> Path:
     candidates = DEFAULT_LISTS.get(dataset, ((), ()))[which]
     for name in candidates:
@@ -628,10 +660,11 @@ def read_lists(
         val = _check_entries(_parse_list(Path(val_list), bad), root, num_classes, seen, bad)
         details["val_list"] = str(val_list)
     bad.raise_if_any()
+    names = _inat_category_names(root, num_classes) if source == "inat2018" else None
     return SourceData(
         dataset=dataset,
         num_classes=num_classes,
-        class_names=_names_from_parents(train, root, num_classes),
+        class_names=names or _names_from_parents(train, root, num_classes),
         train=train,
         eval=evals,
         skipped=bad.items,
