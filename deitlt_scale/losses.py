@@ -34,6 +34,16 @@ def soft_target_ce(logits: Tensor, targets: Tensor) -> Tensor:
     return torch.sum(-targets * F.log_softmax(logits, dim=-1), dim=-1).mean()
 
 
+def teacher_in_mix(teacher_labels: Tensor, targets: Tensor | None, labels: Tensor) -> Tensor:
+    """Fraction of teacher labels that are one of the ground-truth labels mixed into their
+    image: a class the image's target gives more than the smoothing floor (the image's own label
+    when it is not mixed, or when ``targets`` is None)."""
+    if targets is None:
+        return (teacher_labels == labels).float().mean().detach()
+    given = targets.gather(1, teacher_labels[:, None]).squeeze(1)
+    return (given > targets.min(dim=1).values).float().mean().detach()
+
+
 class _DeviceTensor:
     """A constant kept on CPU and copied once per device it is used on (no per-step copies)."""
 
@@ -125,8 +135,8 @@ class DeiTLTObjective:
             drw: whether the deferred re-weighting phase is active.
 
         Returns ``{"loss", "cls", "dist"}`` (``cls``/``dist`` scaled by ``1 - alpha``/``alpha``)
-        plus ``"teacher_agreement"`` (fraction of teacher labels equal to ``labels``, detached)
-        when a teacher is used.
+        plus ``"teacher_agreement"`` (fraction of teacher labels equal to ``labels``) and
+        ``"teacher_in_mix"`` (:func:`teacher_in_mix`), detached, when a teacher is used.
         """
         if self.type == "none":
             return self._no_teacher(out, targets, labels, drw)
@@ -154,6 +164,7 @@ class DeiTLTObjective:
             "cls": cls_part.detach(),
             "dist": dist_part.detach(),
             "teacher_agreement": (t_labels == labels).float().mean().detach(),
+            "teacher_in_mix": teacher_in_mix(t_labels, targets, labels),
         }
 
     def _soft(self, dist_logits: Tensor, teacher_logits: Tensor) -> Tensor:

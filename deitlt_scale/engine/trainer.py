@@ -31,6 +31,8 @@ from deitlt_scale.tracking.writer import MetricWriter
 
 EXIT_REQUEUE = 75  # stopped by a signal after a complete checkpoint: requeue and resume
 EXIT_NONFINITE = 3
+# RUN_DIR/train_summary.json: the finished attempt's training throughput and mean train metrics
+SUMMARY_FILE = "train_summary.json"
 
 
 class NonFiniteLoss(RuntimeError):
@@ -144,6 +146,9 @@ class Trainer:
                     self._save(epoch)
             self._end_of_epoch(epoch)
         self.finish_steps()
+        if self.world.is_main and self.window is not None:
+            summary = self.window.summary(self.world.world_size)
+            write_json_atomic(self.run_dir / SUMMARY_FILE, summary)
         return 0
 
     def finish_steps(self) -> None:
@@ -157,6 +162,7 @@ class Trainer:
         if self.window is None:
             self.window = StepWindow(self.world.device)
         step, window = self.state.step, self.window
+        started = time.perf_counter()
         self._set_lr(step)
         self._step_skipped = False
         count = self.steps.micro_batches_in_step(step)
@@ -166,9 +172,12 @@ class Trainer:
             window.data_time += time.perf_counter() - t0
             window.add(self.train_micro_step(batch, step, micro, count))
             window.images += int(batch.labels.shape[0])
+            window.run_images += int(batch.labels.shape[0])
         self.state.step = step + 1
         window.steps += 1
+        window.run_steps += 1
         stop = self._check_flags()
+        window.step_seconds += time.perf_counter() - started
         if self.state.step % self.cfg.train.log_every == 0:
             self._log(window.flush(self.state.step, self.world.world_size))
         return stop
@@ -404,7 +413,8 @@ class Trainer:
 
 
 class StepWindow:
-    """Running sums of the step's named losses on the device; read only at log steps."""
+    """Running sums of the step's named losses on the device; read only at log steps. Sums
+    over the whole attempt are kept beside them for :meth:`summary`."""
 
     def __init__(self, device: torch.device) -> None:
         self.device = device
@@ -415,13 +425,19 @@ class StepWindow:
         self.data_time = 0.0
         self.started = time.perf_counter()
         self.nonfinite = torch.zeros((), device=device)
+        self.run_sums: dict[str, torch.Tensor] = {}
+        self.run_count = self.run_steps = self.run_images = 0
+        self.step_seconds = 0.0  # in train_step (data waits included; evals and saves not)
 
     def add(self, parts: dict[str, torch.Tensor]) -> None:
         for key, value in parts.items():
             value = value.float()
-            self.sums[key] = self.sums.get(key, torch.zeros((), device=self.device)) + value
+            zero = torch.zeros((), device=self.device)
+            self.sums[key] = self.sums.get(key, zero) + value
+            self.run_sums[key] = self.run_sums.get(key, zero) + value
         self.nonfinite += (~torch.isfinite(parts["loss"])).float()
         self.count += 1
+        self.run_count += 1
 
     def flush(self, step: int, world_size: int) -> dict[str, float]:
         elapsed = time.perf_counter() - self.started
@@ -432,6 +448,19 @@ class StepWindow:
         self.sums, self.count, self.steps, self.images, self.data_time = {}, 0, 0, 0, 0.0
         self.started = time.perf_counter()
         return values
+
+    def summary(self, world_size: int) -> dict[str, float]:
+        """This attempt's steps, images (all ranks), seconds in steps, images/s and the mean of
+        every train metric (e.g. ``teacher_agreement``) over this rank's micro-batches."""
+        images = self.run_images * world_size  # every rank trains on as many images per step
+        means = {k: float(v) / max(self.run_count, 1) for k, v in self.run_sums.items()}
+        return {
+            "steps": self.run_steps,
+            "images": images,
+            "train_seconds": round(self.step_seconds, 3),
+            "images_per_s": round(images / max(self.step_seconds, 1e-9), 2),
+            **means,
+        }
 
 
 def _record_event(device: torch.device) -> Any:
