@@ -33,9 +33,9 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from deitlt_scale.errors import UserError
-from deitlt_scale.models.teachers import FEATURE_DIM, ResNet32
+from deitlt_scale.models.teachers import CIFAR_RESNETS, FEATURE_DIM, ResNet32
 
-PACO_ARCHS = ("resnet32", "resnet50")
+PACO_ARCHS = (*CIFAR_RESNETS, "resnet50")
 
 
 def projection(dim_in: int, dim_out: int, mlp: bool) -> nn.Module:
@@ -48,10 +48,11 @@ def projection(dim_in: int, dim_out: int, mlp: bool) -> nn.Module:
 
 
 class ProjectedResNet32(ResNet32):
-    """The CIFAR ResNet-32 with the projection ``fc`` in place of its classifier ``linear``."""
+    """The CIFAR ResNet-32 (or a sibling of ``blocks`` per stage) with the projection ``fc`` in
+    place of its classifier ``linear``."""
 
-    def __init__(self, moco_dim: int, mlp: bool = True) -> None:
-        super().__init__(num_classes=1)
+    def __init__(self, moco_dim: int, mlp: bool = True, blocks: int = 5) -> None:
+        super().__init__(num_classes=1, blocks=blocks)
         del self.linear
         self.fc = projection(FEATURE_DIM["resnet32"], moco_dim, mlp)
 
@@ -86,11 +87,13 @@ class ProjectedResNet50(nn.Module):
 
 
 def projected_encoder(arch: str, moco_dim: int, mlp: bool = True) -> nn.Module:
-    if arch == "resnet32":
-        return ProjectedResNet32(moco_dim, mlp)
+    if arch in CIFAR_RESNETS:
+        return ProjectedResNet32(moco_dim, mlp, blocks=CIFAR_RESNETS[arch])
     if arch == "resnet50":
         return ProjectedResNet50(moco_dim, mlp)
-    raise UserError(f"PaCo needs arch resnet32 or resnet50, got {arch!r}")
+    raise UserError(
+        f"PaCo needs a CIFAR ResNet ({', '.join(CIFAR_RESNETS)}) or resnet50, got {arch!r}"
+    )
 
 
 @dataclass
@@ -134,7 +137,7 @@ class MoCo(nn.Module):
     ) -> None:
         super().__init__()
         if arch not in PACO_ARCHS:
-            raise UserError(f"PaCo needs arch resnet32 or resnet50, got {arch!r}")
+            raise UserError(f"PaCo needs one of {', '.join(PACO_ARCHS)}, got {arch!r}")
         feat_dim = FEATURE_DIM[arch] if feat_dim is None else feat_dim
         if feat_dim != FEATURE_DIM[arch]:
             raise UserError(

@@ -100,7 +100,7 @@ class TeacherInfo:
         if not isinstance(normed, bool):
             raise UserError(f"{where}: normed must be true or false, got {normed!r}")
         if normed and is_timm_arch(arch):
-            raise UserError(f"{where}: normed is for resnet32 / resnet50 only, not {arch!r}")
+            raise UserError(f"{where}: normed is for the ResNets only, not {arch!r}")
         return cls(
             arch=arch,
             num_classes=k,

@@ -6,6 +6,8 @@ checkpoints convert by renaming only:
 
 * ``resnet32``: ``conv1, bn1, layer{1,2,3}.{0..4}.{conv1,bn1,conv2,bn2}``, classifier ``linear``.
   16/32/64 channels, option-A (parameter-free, zero-padded) shortcuts, global average pooling.
+  Its CIFAR siblings ``resnet8``, ``resnet14``, ``resnet20``, ``resnet44`` and ``resnet56`` (He et
+  al. 2016: depth 6n + 2, n blocks per stage) share the layout with n instead of 5 blocks.
 * ``resnet50``: torchvision's ResNet-50 (v1.5, stride on the 3x3 conv), classifier ``fc``.
 
 * any other name that ``timm.is_model`` accepts (e.g. ``regnety_160``, the DeiT baseline's
@@ -25,9 +27,19 @@ from torch import Tensor, nn
 
 from deitlt_scale.errors import UserError
 
-TEACHER_ARCHS = ("resnet32", "resnet50")
-CLASSIFIER = {"resnet32": "linear", "resnet50": "fc"}  # attribute name of each arch's classifier
-FEATURE_DIM = {"resnet32": 64, "resnet50": 2048}
+# CIFAR ResNets (depth 6n + 2): blocks per stage
+CIFAR_RESNETS = {
+    "resnet8": 1,
+    "resnet14": 2,
+    "resnet20": 3,
+    "resnet32": 5,
+    "resnet44": 7,
+    "resnet56": 9,
+}
+TEACHER_ARCHS = (*CIFAR_RESNETS, "resnet50")
+# attribute name of each arch's classifier, and its pooled feature width
+CLASSIFIER = {**dict.fromkeys(CIFAR_RESNETS, "linear"), "resnet50": "fc"}
+FEATURE_DIM = {**dict.fromkeys(CIFAR_RESNETS, 64), "resnet50": 2048}
 
 
 class NormedLinear(nn.Module):
@@ -76,19 +88,20 @@ class _BasicBlock(nn.Module):
 
 
 class ResNet32(nn.Module):
-    """CIFAR ResNet-32 (He et al. 2016, 3 stages x 5 basic blocks); any input size >= 8 px."""
+    """CIFAR ResNet-32 (He et al. 2016, 3 stages x 5 basic blocks); any input size >= 8 px.
+    ``blocks`` per stage gives its siblings (:data:`CIFAR_RESNETS`)."""
 
-    def __init__(self, num_classes: int, normed: bool = False) -> None:
+    def __init__(self, num_classes: int, normed: bool = False, blocks: int = 5) -> None:
         super().__init__()
         self.conv1 = nn.Conv2d(3, 16, 3, stride=1, padding=1, bias=False)
         self.bn1 = nn.BatchNorm2d(16)
         layers, in_planes = [], 16
         for planes, stride in ((16, 1), (32, 2), (64, 2)):
-            blocks = []
-            for i in range(5):
-                blocks.append(_BasicBlock(in_planes, planes, stride if i == 0 else 1))
+            stage = []
+            for i in range(blocks):
+                stage.append(_BasicBlock(in_planes, planes, stride if i == 0 else 1))
                 in_planes = planes
-            layers.append(nn.Sequential(*blocks))
+            layers.append(nn.Sequential(*stage))
         self.layer1, self.layer2, self.layer3 = layers
         self.avgpool = nn.AdaptiveAvgPool2d(1)
         self.linear: nn.Module = (
@@ -144,17 +157,18 @@ def timm_input_config(arch: str) -> tuple[int, tuple[float, ...], tuple[float, .
 
 
 def create_teacher_arch(arch: str, num_classes: int, normed: bool = False) -> nn.Module:
-    """A randomly initialised teacher network: ``resnet32`` | ``resnet50`` | a timm model name."""
+    """A randomly initialised teacher network: a CIFAR ResNet (``resnet32``, ...) | ``resnet50``
+    | a timm model name."""
     if num_classes < 1:
         raise UserError(f"a teacher needs at least one class, got num_classes={num_classes}")
-    if arch == "resnet32":
-        return ResNet32(num_classes, normed)
+    if arch in CIFAR_RESNETS:
+        return ResNet32(num_classes, normed, blocks=CIFAR_RESNETS[arch])
     if arch == "resnet50":
         return _resnet50(num_classes, normed)
     if is_timm_arch(arch):
         if normed:
             raise UserError(
-                f"a cosine (normed) classifier exists for resnet32 / resnet50 only, not {arch!r}"
+                f"a cosine (normed) classifier exists for the ResNets only, not {arch!r}"
             )
         import timm
 
