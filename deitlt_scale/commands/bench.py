@@ -8,8 +8,8 @@ from __future__ import annotations
 import argparse
 import importlib
 
-HELP = "measure throughput against a baseline in the same run (prepare, data, step)"
-BENCHMARKS = ("prepare", "data", "step")
+HELP = "measure against a baseline in the same run (prepare, data, step, control)"
+BENCHMARKS = ("prepare", "data", "step", "control")
 
 
 def register(parser: argparse.ArgumentParser) -> None:
