@@ -184,8 +184,9 @@ def export(
         "eval": latest,
     }
     model_config: dict[str, Any] = {"deitlt": deitlt_meta}
-    if student.get("class_names"):
-        model_config["label_names"] = list(student["class_names"])
+    names = list(student.get("class_names") or [])
+    if names and all(names):  # a source without names gives "" per class: then none at all
+        model_config["label_names"] = names
     size = int(student["img_size"])
     save_config_for_hf(
         model,

@@ -151,6 +151,20 @@ def test_another_image_size_resamples_the_position_embedding(exports):
 
 
 @pytest.mark.slow
+def test_a_dataset_without_class_names_exports_no_label_names(runs, tmp_path):
+    """A list source whose classes share folders has no names ("" per class): the export then
+    carries no ``label_names`` rather than empty strings timm users would read."""
+    run = tmp_path / "run"
+    shutil.copytree(runs[1], run)
+    spec = json.loads((run / "student.json").read_text())
+    spec["class_names"] = [""] * len(spec["class_names"])
+    (run / "student.json").write_text(json.dumps(spec))
+    config = json.loads((export(run, tmp_path / "export").out_dir / "config.json").read_text())
+    assert "label_names" not in config
+    assert config["num_classes"] == 10
+
+
+@pytest.mark.slow
 def test_another_class_count_reinitialises_both_heads_and_keeps_the_rest(exports):
     trained = load_file(str(exports[1] / "model.safetensors"))
     model = timm.create_model(f"local-dir:{exports[1]}", pretrained=True, num_classes=5)

@@ -352,6 +352,20 @@ def test_inat2018_lists_with_shuffled_val(tmp_path):
     assert_both_readers_yield(meta, "eval", expected_from_lists(files, [eval_list], class_map))
 
 
+def test_inat2018_class_names_come_from_its_categories_file(tmp_path):
+    root = tmp_path / "inat"
+    train_list, eval_list, _ = make_list_dataset(root, inat_layout, [1, 5, 3], 1)
+    species = ["Quercus robur", "Bufo bufo", "Parus major"]
+    categories = [{"id": i, "name": n, "supercategory": "x"} for i, n in enumerate(species)]
+    (root / "categories.json").write_text(json.dumps(categories))
+    meta = prepare_dataset(
+        "inat2018", tmp_path / "out", root=root, train_list=train_list, eval_list=eval_list,
+        num_classes=3, progress=False,
+    )  # fmt: skip
+    # model labels are frequency-ranked: original 1 (5 images), 2 (3), 0 (1)
+    assert meta.class_names == ["Bufo bufo", "Parus major", "Quercus robur"]
+
+
 def test_default_list_names_are_found_inside_the_root(tmp_path):
     root = tmp_path / "imagenet"
     train_list, eval_list, _ = make_list_dataset(root, imagenet_layout, IMAGENET_COUNTS, 1)
