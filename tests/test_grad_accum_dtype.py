@@ -51,6 +51,9 @@ def test_bf16_gradients_accumulate_in_the_configured_dtype(
 
 
 def test_bf16_zero0_trains_with_bf16_accumulation(world, random_teacher, tmp_path) -> None:
+    """ZeRO 0 keeps bf16 parameters and sums each micro-batch's gradient into their bf16
+    ``.grad`` (DeepSpeed's FP16_UnfusedOptimizer): bf16 accumulation, and the step still moves
+    the weights."""
     trainer = tiny_trainer(
         world,
         random_teacher,
@@ -59,9 +62,20 @@ def test_bf16_zero0_trains_with_bf16_accumulation(world, random_teacher, tmp_pat
         **BF16,
         **{"deepspeed.zero_stage": 0, "deepspeed.grad_accum_dtype": "bf16"},
     )
-    run_steps(trainer, synthetic_batch(world.device), 2)
+    batch = synthetic_batch(world.device)
+    params = [p for p in trainer.engine.module.parameters() if p.requires_grad]
+    before = [p.detach().clone() for p in params]
+    trainer._set_lr(0)
+    trainer.train_micro_step(batch, step=0, micro=0, count=2)  # the first of two: no step yet
+    assert {p.grad.dtype for p in params} == {torch.bfloat16}
+    first = [p.grad.detach().clone() for p in params]
+    assert all(torch.equal(p, b) for p, b in zip(params, before))
+    trainer.train_micro_step(batch, step=0, micro=1, count=2)  # accumulates, then steps
+    assert any(not torch.equal(p, b) for p, b in zip(params, before))
+    assert any(f.abs().sum() > 0 for f in first)
+    run_steps(trainer, batch, 1)
     trainer.finish_steps()
-    assert trainer.state.step == 2
+    assert trainer.state.step == 1
 
 
 def test_fp32_accumulation_at_zero_stage_0_under_bf16_is_a_config_error() -> None:

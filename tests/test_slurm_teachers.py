@@ -62,9 +62,12 @@ def jobs(
 
 @pytest.mark.slow
 @pytest.mark.parametrize("case", list(CASES))
-def test_teacher_script_trains_the_recipe_its_environment_names(
+def test_teacher_script_launches_the_recipe_its_environment_names(
     slurm_cluster: SlurmCluster, jobs: dict[str, tuple[int, StandIn]], case: str
 ) -> None:
+    """What the batch script launches, read by the stand-in interpreter that records its argv
+    instead of training (real training jobs under SLURM are test_slurm.py's and
+    test_experiments_slurm.py's)."""
     job, standin = jobs[case]
     end = slurm_cluster.wait_for_end(job, STANDIN_JOB_TIMEOUT_S)
     assert_completed(end)

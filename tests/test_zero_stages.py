@@ -82,10 +82,28 @@ def test_export_and_timm_load(stage, runs, tmp_path):
 
 
 @pytest.mark.parametrize("stage", STAGES)
-def test_analyze_reads_the_run(stage, runs, digits_lt, tmp_path):
-    what = ["--what", "per-class,divergence", "--images", "64", "--device", "cpu"]
+def test_analyze_reads_the_runs_final_weights(stage, runs, digits_lt, tmp_path):
+    """Over the whole eval split, analyze's per-class accuracy of every head is the one the
+    run's final evaluation wrote: it read the weights of the last checkpoint of that stage."""
+    import csv
+
+    what = ["--what", "per-class,divergence", "--images", "0", "--device", "cpu"]
     done = cli(
         ["analyze", str(runs[stage]), "--data", str(digits_lt), "--out", str(tmp_path), *what]
     )
     assert done.returncode == 0, _fail(done)
-    assert list(tmp_path.glob("*.png")), sorted(p.name for p in tmp_path.iterdir())
+    assert (tmp_path / "per_class.png").stat().st_size > 0
+    assert (tmp_path / "divergence.png").stat().st_size > 0
+
+    def table(path):
+        with open(path) as f:
+            return list(csv.DictReader(f))
+
+    analysed = table(tmp_path / "per_class.csv")
+    evaluated = table(runs[stage] / "eval" / "per_class_latest.csv")
+    heads = [c for c in analysed[0] if c.startswith("acc_")]
+    assert heads == ["acc_cls", "acc_dist", "acc_mean"]
+    for mine, theirs in zip(analysed, evaluated, strict=True):
+        assert int(mine["eval_images"]) == int(theirs["eval_count"])
+        for head in heads:
+            assert float(mine[head]) == pytest.approx(float(theirs[head]), abs=1e-6), head
