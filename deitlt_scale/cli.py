@@ -22,6 +22,7 @@ COMMANDS = (
     "export",
     "analyze",
     "bench",
+    "experiment",
     "demo",
     "mlflow-server",
 )

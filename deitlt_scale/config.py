@@ -332,6 +332,13 @@ def from_dict(tree: dict[str, Any]) -> Config:
     return cfg
 
 
+def build_strict(cls: type, tree: Any, prefix: str = "") -> Any:
+    """A dataclass ``cls`` from a nested mapping with this module's rules: unknown keys and
+    values of the wrong type are a :class:`ConfigError` naming ``prefix`` + the key (any
+    dataclass of plain fields, e.g. the experiment grid files of ``deitlt experiment``)."""
+    return _build(cls, tree, prefix)
+
+
 def to_dict(cfg: Any) -> dict[str, Any]:
     """Nested plain-data view (tuples become lists), the inverse of :func:`from_dict`."""
     return json.loads(json.dumps(dataclasses.asdict(cfg)))

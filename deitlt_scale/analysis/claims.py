@@ -1,11 +1,13 @@
-"""A paper's claims checked against measured runs, seed by seed.
+"""A paper's claims checked against measured runs, seed by seed, with a paired interval.
 
 A claim says one measurement beats another ("the DIST head is more accurate on the tail than the
 CLS head"). Both sides are read from the same seeds' final evaluations, so each seed gives one
 paired difference: runs of one seed share their teacher and their data order, and pairing
-removes that shared part of the spread. A claim *holds* when every seed's difference is positive,
-*fails* when every one is negative or zero, and is *mixed* otherwise; with one seed the verdict
-says so.
+removes that shared part of the spread. The verdict comes from the 95% confidence interval of the
+mean difference (Student's t with n - 1 degrees of freedom, i.e. a two-sided paired t-test at
+5%): the claim *holds* when the whole interval is above zero, *fails* (the opposite is measured)
+when it is below zero, and is *undecided* when it contains zero. With one seed there is no
+interval, and the verdict says so. How many seeds agree is reported beside it.
 """
 
 from __future__ import annotations
@@ -34,6 +36,10 @@ class Claim:
     worse: Side
 
 
+CONFIDENCE = 0.95
+TIE = 1e-9  # points: an interval that ends this close to zero contains it (float noise)
+
+
 @dataclass(frozen=True)
 class Verdict:
     claim: Claim
@@ -52,18 +58,30 @@ class Verdict:
         return math.sqrt(sum((d - self.mean) ** 2 for d in self.differences) / (n - 1))
 
     @property
+    def ci(self) -> tuple[float, float]:
+        """The :data:`CONFIDENCE` interval of the mean difference (NaNs with one seed)."""
+        n = len(self.differences)
+        if n < 2:
+            return math.nan, math.nan
+        from scipy.stats import t
+
+        half = t.ppf(0.5 + CONFIDENCE / 2, n - 1) * self.std / math.sqrt(n)
+        return self.mean - half, self.mean + half
+
+    @property
     def agreeing(self) -> int:
         return sum(d > 0 for d in self.differences)
 
     @property
     def outcome(self) -> str:
-        n, k = len(self.differences), self.agreeing
-        one = " (one seed)" if n == 1 else ""
-        if k == n:
-            return "holds" + one
-        if k == 0:
-            return "fails" + one
-        return "mixed"
+        low, high = self.ci
+        if math.isnan(low):
+            return "one seed"
+        if low > TIE:
+            return "holds"
+        if high < -TIE:
+            return "fails"
+        return "undecided"
 
 
 def check(claims: Sequence[Claim], per_seed: Mapping[str, Sequence[Metrics]]) -> list[Verdict]:
@@ -98,22 +116,24 @@ def _signed(x: float) -> str:
 
 def claims_markdown(verdicts: Sequence[Verdict], per_seed: Mapping[str, Sequence[Metrics]]) -> str:
     """A Markdown table: claim, the two sides (mean over seeds, percent), the paired
-    difference (mean ± sample std, points), seeds agreeing, verdict."""
+    difference (mean and its 95% interval, points), seeds agreeing, verdict."""
 
     def mean_of(side: Side) -> str:
         values = [100 * m[side.metric] for m in per_seed[side.runs]]
         return f"{sum(values) / len(values):.1f}"
 
     lines = [
-        "| the paper's claim | source | better | worse | difference (points) | seeds | verdict |",
+        "| the paper's claim | source | better | worse | difference (points, 95% CI) | seeds "
+        "agreeing | verdict |",
         "|---|---|---|---|---|---|---|",
     ]
     for v in verdicts:
         c = v.claim
-        diff = _signed(v.mean) + ("" if math.isnan(v.std) else f" ± {v.std:.1f}")
+        low, high = v.ci
+        interval = "" if math.isnan(low) else f" [{_signed(low)}, {_signed(high)}]"
         lines.append(
             f"| {c.statement} | {c.source} | {c.better.label}: {mean_of(c.better)} | "
-            f"{c.worse.label}: {mean_of(c.worse)} | {diff} | "
+            f"{c.worse.label}: {mean_of(c.worse)} | {_signed(v.mean)}{interval} | "
             f"{v.agreeing} of {len(v.differences)} | **{v.outcome}** |"
         )
     return "\n".join(lines)

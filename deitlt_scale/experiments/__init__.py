@@ -1,0 +1,1 @@
+"""Experiment grids: teachers, rows and seeds declared in YAML, run here or on SLURM, reported."""

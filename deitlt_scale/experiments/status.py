@@ -1,0 +1,44 @@
+"""``deitlt experiment status OUT``: where every run of a grid stands, from its state file."""
+
+from __future__ import annotations
+
+import os
+import socket
+
+from deitlt_scale.experiments.plan import Plan, Run, is_complete
+from deitlt_scale.experiments.runner import RunState
+
+
+def run_status(run: Run) -> tuple[str, RunState | None]:
+    """``done | running | stopped | failed | interrupted | pending``; ``interrupted``: marked
+    running by a process of this host that is gone (killed without a word)."""
+    state = RunState.read(run)
+    if is_complete(run):
+        return "done", state
+    if state is None:
+        return "pending", None
+    if state.state == "running" and state.host == socket.gethostname() and not state.slurm_job:
+        try:
+            os.kill(state.pid, 0)
+        except ProcessLookupError:
+            return "interrupted", state
+        except PermissionError:
+            pass
+    return ("pending" if state.state == "done" else state.state), state
+
+
+def status_table(plan: Plan) -> str:
+    """One line per run: key, status, attempts, recorded wall seconds, and for a failed run the
+    last line of its log; then the count per status."""
+    lines = [f"{'run':<34}{'status':<13}{'attempts':>9}{'wall s':>9}  last error"]
+    counts: dict[str, int] = {}
+    for run in plan.runs:
+        status, state = run_status(run)
+        counts[status] = counts.get(status, 0) + 1
+        attempts = len(state.attempts) if state else 0
+        wall = f"{state.wall_s:.0f}" if state else "-"
+        where = f" ({state.slurm_job or state.host})" if status == "running" and state else ""
+        error = state.error if state and status == "failed" else ""
+        lines.append(f"{run.key:<34}{status + where:<13}{attempts:>9}{wall:>9}  {error}".rstrip())
+    lines.append(", ".join(f"{n} {s}" for s, n in sorted(counts.items())))
+    return "\n".join(lines)

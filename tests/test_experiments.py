@@ -1,0 +1,370 @@
+"""`deitlt experiment`: grid files, plans, the local runner, status and the report.
+
+The end-to-end tests run a shrunk grid for real (every run a `deitlt` process on the embedded
+digits: two teachers, a student row, its plain-loop control and a row that starts from the
+student's weights, two seeds, a few optimizer steps each), stop it with SIGTERM mid-way, resume
+it, and report it.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import yaml
+
+from deitlt_scale.config import ConfigError
+from deitlt_scale.errors import UserError
+from deitlt_scale.experiments import grid as grid_mod
+from deitlt_scale.experiments import report as report_mod
+from deitlt_scale.experiments.plan import Options, expand, extend
+
+REPO = Path(__file__).resolve().parent.parent
+GRIDS = sorted((REPO / "experiments").glob("*.yaml"))
+RECIPE = str(REPO / "recipes" / "tiny_digits.yaml")
+TEACHER = str(REPO / "recipes" / "teacher_digits.yaml")
+
+# A grid as small as the machinery allows: every kind of row, two teachers, two seeds.
+TINY_GRID = {
+    "title": "A tiny grid",
+    "data": ["digits-lt", "--val-per-class", "all"],
+    "seeds": [0, 1],
+    "teachers": {
+        "ldam": {"recipe": TEACHER, "label": "LDAM"},
+        "ce": {"recipe": TEACHER, "overrides": ["distill.teacher_loss=ce", "optim.sam_rho=0"]},
+    },
+    "rows": {
+        "student": {"recipe": RECIPE, "teacher": "ldam", "section": "S", "label": "students"},
+        "other": {"recipe": RECIPE, "teacher": "ce", "section": "S"},
+        "control": {"recipe": RECIPE, "kind": "control", "controls": "student",
+                    "teacher": "ldam", "section": "S"},
+        "stage": {"recipe": RECIPE, "teacher": "ldam", "init_from": "student", "section": "T",
+                  "overrides": ["train.epochs=1", "schedule.warmup_epochs=0",
+                                "distill.drw_epoch=0"]},
+        "again": {"reuses": "student", "section": "T"},
+    },
+    "claims": [{"statement": "the student beats the other", "source": "here",
+                "better": {"runs": "student", "head": "mean"},
+                "worse": {"runs": "other", "head": "mean"}}],
+    "report": {"sections": ["S", "T"], "heads_row": "student", "per_class_row": "student",
+               "checkpoints_row": "student", "page": "tiny.md",
+               "headline": [{"runs": "student", "head": "mean", "label": "the student"}]},
+}  # fmt: skip
+SHRINK = [
+    "--epochs", "2", "--teacher-epochs", "2",
+    "--set", "model.embed_dim=48", "model.depth=2", "train.micro_batch=16",
+    "data.epoch_multiple=16", "train.max_steps=40", "checkpoint.every_steps=4",
+    "eval.every_epochs=1",
+    "tracking.enabled=false", "data.num_threads=1",
+    "--teacher-set", "train.max_steps=3", "tracking.enabled=false", "data.num_threads=1",
+]  # fmt: skip
+
+
+def write_grid(path: Path, tree: dict) -> Path:
+    path.write_text(yaml.safe_dump(tree, sort_keys=False))
+    return path
+
+
+def deitlt(*args: str, timeout: int = 900) -> subprocess.CompletedProcess:
+    env = {**os.environ, "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1"}
+    cmd = [sys.executable, "-m", "deitlt_scale.cli", *args]
+    return subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=timeout)
+
+
+# --------------------------------------------------------------------------------------------
+# Grid files
+
+
+@pytest.mark.parametrize("path", GRIDS, ids=[p.stem for p in GRIDS])
+def test_every_grid_file_of_the_project_loads(path: Path) -> None:
+    grid = grid_mod.load(path)
+    assert grid.rows and grid.seeds
+    plan = expand(grid, Path("/nowhere"), Options())
+    assert {r.key for r in plan.runs} >= {f"rows/{n}-seed{grid.seeds[0]}" for n in
+                                          grid.trained_rows()}  # fmt: skip
+
+
+def test_the_paper_grid_checks_the_papers_fourteen_claims_on_five_seeds() -> None:
+    grid = grid_mod.load(REPO / "experiments" / "paper_tables.yaml")
+    assert len(grid.claims) == 14 and len(grid.seeds) >= 5
+
+
+def test_the_in_distribution_teacher_sees_the_students_augmentation() -> None:
+    """ce_strong's overrides restate recipes/tiny_digits.yaml's augmentation: a change to one
+    without the other would make row deit_indist something else than the paper's."""
+    grid = grid_mod.load(REPO / "experiments" / "paper_tables.yaml")
+    from deitlt_scale import config as config_mod
+
+    student = config_mod.load(RECIPE).data.augment
+    teacher = config_mod.load(TEACHER, list(grid.teachers["ce_strong"].overrides)).data.augment
+    for key in ("crop", "pad", "hflip", "scale", "randaugment_ops", "randaugment_magnitude",
+                "random_erasing", "color_jitter"):  # fmt: skip
+        assert getattr(teacher, key) == getattr(student, key), key
+
+
+@pytest.mark.parametrize(
+    "change, message",
+    [
+        (lambda g: g["rows"]["student"].update(overides=[]), "unknown key rows.student.overides"),
+        (lambda g: g["rows"]["other"].update(teacher="nope"), "rows.other.teacher names 'nope'"),
+        (lambda g: g["claims"][0]["worse"].update(runs="ghost"), "'ghost' is not a row"),
+        (lambda g: g["rows"]["control"].update(overrides=["optim.lr=1"]),
+         "rows.control.controls must name a train row with the same recipe"),
+        (lambda g: g["rows"]["stage"].update(init_from="again"),
+         "rows.stage.init_from must name a trained row listed before it"),
+        (lambda g: g.update(seeds=[1, 1]), "seeds must be distinct"),
+        (lambda g: g["rows"]["other"].update(recipe="missing.yaml"),
+         "rows.other.recipe missing.yaml does not exist"),
+    ],
+)  # fmt: skip
+def test_a_grid_that_is_wrong_is_refused_naming_what(tmp_path, change, message) -> None:
+    tree = json.loads(json.dumps(TINY_GRID))
+    change(tree)
+    path = write_grid(tmp_path / "bad.yaml", tree)
+    with pytest.raises(ConfigError) as err:
+        grid_mod.load(path)
+    assert message in str(err.value) and "\n" not in str(err.value)
+
+
+# --------------------------------------------------------------------------------------------
+# Plans
+
+
+def test_the_plan_gives_each_row_its_seeds_teacher_and_start(tmp_path) -> None:
+    grid = grid_mod.load(write_grid(tmp_path / "tiny.yaml", TINY_GRID))
+    plan = expand(grid, tmp_path / "out", Options())
+    keys = [r.key for r in plan.runs]
+    assert keys[:4] == ["teachers/ldam-seed0", "teachers/ldam-seed1", "teachers/ce-seed0",
+                        "teachers/ce-seed1"]  # fmt: skip
+    assert "rows/again-seed0" not in keys  # reuses row student: trained once
+    runs = plan.by_key()
+    out = (tmp_path / "out").resolve()
+    stage = runs["rows/stage-seed1"]
+    assert stage.needs == ("teachers/ldam-seed1", "rows/student-seed1")
+    assert f"train.init_from={out / 'rows' / 'student-seed1'}:latest" in stage.overrides
+    assert f"teacher.path={out / 'teachers' / 'ldam-seed1' / 'teacher'}" in stage.overrides
+    assert "train.seed=1" in stage.overrides and stage.verb == ("train",)
+    control = runs["rows/control-seed0"]
+    assert control.argv[:2] == ("bench", "control") and control.argv[-2:] == ("--side", "plain")
+    only = expand(grid, tmp_path / "out", Options(only=("again",)))
+    assert [r.key for r in only.runs] == ["teachers/ldam-seed0", "teachers/ldam-seed1",
+                                          "rows/student-seed0", "rows/student-seed1"]  # fmt: skip
+
+
+def test_epochs_shorten_a_recipe_keeping_warm_up_and_drw_in_proportion(tmp_path) -> None:
+    grid = grid_mod.load(write_grid(tmp_path / "tiny.yaml", TINY_GRID))
+    run = expand(grid, tmp_path / "o", Options(epochs=24)).by_key()["rows/student-seed0"]
+    assert {"train.epochs=24", "schedule.warmup_epochs=0.5", "distill.drw_epoch=21"} <= set(
+        run.overrides
+    )
+
+
+def test_a_plan_grows_with_new_seeds_and_refuses_other_training_options(tmp_path) -> None:
+    grid = grid_mod.load(write_grid(tmp_path / "tiny.yaml", TINY_GRID))
+    out = tmp_path / "out"
+    plan, selected = extend(grid, out, Options(seeds=(0,), only=("student",)))
+    plan.save()
+    assert [r.key for r in selected] == ["teachers/ldam-seed0", "rows/student-seed0"]
+    plan, selected = extend(grid, out, Options(seeds=(1,), only=("student",)))
+    plan.save()
+    assert [r.key for r in selected] == ["teachers/ldam-seed1", "rows/student-seed1"]
+    assert [r.key for r in plan.runs] == ["teachers/ldam-seed0", "teachers/ldam-seed1",
+                                          "rows/student-seed0", "rows/student-seed1"]  # fmt: skip
+    assert plan.options.seeds == (0, 1)
+    with pytest.raises(UserError, match="planned from .* with other options"):
+        extend(grid, out, Options(seeds=(0,), epochs=3))
+
+
+# --------------------------------------------------------------------------------------------
+# The report, from a results document
+
+
+def _doc(tmp_path: Path, better: list[float], worse: list[float]) -> dict:
+    """A results document of the tiny grid (no post-hoc sections) whose rows' every figure is
+    ``better`` (row student and its control) or ``worse`` (row other) per seed."""
+
+    def run(seed: int, value: float) -> dict:
+        metrics = {
+            f"{h}/{k}": value
+            for h in ("cls", "dist", "mean")
+            for k in ("overall", "mean_class", "paper/head", "paper/mid", "paper/tail")
+        }
+        return {
+            "seed": seed,
+            "step": 4,
+            "metrics": metrics,
+            "val": metrics,
+            "summary": {
+                "images_per_s": 100.0 + seed,
+                "teacher_agreement": 0.5,
+                "teacher_in_mix": 0.7,
+            },
+            "wall_s": 60.0,
+            "cpu_s": 100.0,
+            "load_before": [0.1],
+            "ended": "2026-12-06T00:00Z",
+        }
+
+    tree = json.loads(json.dumps(TINY_GRID))
+    tree["report"] = {
+        "sections": ["S", "T"],
+        "page": "tiny.md",
+        "headline": tree["report"]["headline"],
+    }
+    grid = grid_mod.as_tree(grid_mod.load(write_grid(tmp_path / "tiny.yaml", tree)))
+    teacher = [{**run(s, 0.9), "metrics": {"teacher/overall": 0.9}} for s in range(len(better))]
+    return {
+        "format": "deitlt-experiment-results/1", "grid": grid, "options": {},
+        "command": "deitlt experiment run experiments/tiny.yaml --out runs/tiny",
+        "seeds": list(range(len(better))),
+        "dataset": {"name": "digits-lt", "train_counts": [3, 2, 1], "groups": [0, 1, 2],
+                    "val": True},
+        "machine": {"arch": "x86_64", "cores": 2, "cpu": "a CPU", "gpu": None, "python": "3.11",
+                    "versions": {"torch": "t", "deepspeed": "d", "timm": "m", "dali": "x"}},
+        "teachers": {"ldam": teacher},
+        "rows": {"student": [run(s, v) for s, v in enumerate(better)],
+                 "other": [run(s, v) for s, v in enumerate(worse)],
+                 "control": [run(s, v) for s, v in enumerate(better)]},
+    }  # fmt: skip
+
+
+@pytest.mark.parametrize(
+    "better, worse, verdict",
+    [
+        ([0.80, 0.82, 0.81, 0.83, 0.79], [0.70, 0.71, 0.69, 0.72, 0.70], "holds"),
+        ([0.70, 0.71, 0.69, 0.72, 0.70], [0.80, 0.82, 0.81, 0.83, 0.79], "fails"),
+        ([0.80, 0.70, 0.82, 0.69, 0.75], [0.75, 0.76, 0.74, 0.73, 0.77], "undecided"),
+        ([0.80], [0.70], "one seed"),
+    ],
+)
+def test_a_claim_is_decided_by_the_paired_interval(tmp_path, better, worse, verdict) -> None:
+    (v,) = report_mod.Report(_doc(tmp_path, better, worse)).verdicts()
+    assert v.outcome == verdict
+    if len(better) > 1:
+        from scipy.stats import ttest_rel
+
+        low, high = v.ci
+        p = ttest_rel([100 * b for b in better], [100 * w for w in worse]).pvalue
+        assert (low > 0 or high < 0) == (p < 0.05)  # the interval is the paired t-test at 5%
+        assert math.isclose(v.mean, 100 * (sum(better) - sum(worse)) / len(better))
+
+
+def test_publishing_writes_page_data_and_readme_block_and_a_hand_edit_is_caught(tmp_path) -> None:
+    doc = _doc(tmp_path, [0.8, 0.82], [0.7, 0.71])
+    docs = tmp_path / "docs"
+    readme = tmp_path / "README.md"
+    start, _, end = report_mod.readme_block(doc)
+    readme.write_text(f"# Project\n\nbefore\n{start}\nold figures\n{end}\nafter\n")
+    written = report_mod.publish(doc, docs)
+    assert docs / "data" / "tiny.json" in written and docs / "tiny.md" in written
+    assert (docs / "img" / "tiny" / "rows.png").stat().st_size > 0
+    text = readme.read_text()
+    assert text.startswith("# Project\n\nbefore\n") and text.endswith("after\n")
+    assert "the student scores 81.0 ± 1.4 overall" in text and "old figures" not in text
+    assert report_mod.check_published(docs) == []
+    page = docs / "tiny.md"
+    page.write_text(page.read_text().replace("81.0 ± 1.4", "85.0 ± 1.4", 1))
+    (problem,) = report_mod.check_published(docs)
+    assert str(page) in problem and "deitlt experiment report" in problem
+    assert "do not edit it by hand" in problem
+    report_mod.publish(doc, docs)
+    readme.write_text(readme.read_text().replace("81.0", "91.0"))
+    (problem,) = report_mod.check_published(docs)
+    assert "README.md" in problem and start in problem
+
+
+def test_the_control_section_pairs_accuracy_and_reports_the_speed_ratio(tmp_path) -> None:
+    page = report_mod.Report(_doc(tmp_path, [0.8, 0.82], [0.7, 0.71])).page()
+    assert "## The project against the plain loop: student and control" in page
+    assert "| mean of logits, Overall | 81.0 ± 1.4 | 81.0 ± 1.4 | +0.0 [+0.0, +0.0] |" in page
+    assert "ratio project / plain per seed 1.00x, 1.00x (mean 1.00x)" in page
+
+
+# --------------------------------------------------------------------------------------------
+# A grid run for real
+
+
+@pytest.fixture(scope="module")
+def tiny_run(tmp_path_factory: pytest.TempPathFactory) -> dict:
+    """The tiny grid run here: started, stopped by SIGTERM during a student run, resumed to
+    the end, run a third time (nothing left), then reported and published."""
+    root = tmp_path_factory.mktemp("experiment")
+    grid = write_grid(root / "tiny.yaml", TINY_GRID)
+    out = root / "out"
+    env = {**os.environ, "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1"}
+    cmd = [sys.executable, "-m", "deitlt_scale.cli", "experiment", "run", str(grid), "--out",
+           str(out), *SHRINK]  # fmt: skip
+    first = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=subprocess.PIPE, text=True)
+    run_dir = out / "rows" / "student-seed0"
+    deadline = time.monotonic() + 600
+    while not list(run_dir.glob("checkpoints/step_*/COMPLETE")):  # stop once the student saved
+        assert first.poll() is None and time.monotonic() < deadline, "the grid never got there"
+        time.sleep(0.05)
+    first.send_signal(signal.SIGTERM)
+    lines = first.communicate(timeout=300)[0]
+    second = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=900)
+    third = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
+    status = deitlt("experiment", "status", str(out))
+    (root / "README.md").write_text("# R\n")
+    report = deitlt("experiment", "report", str(out), "--publish", str(root / "docs"))
+    return {"out": out, "first": (first.returncode, lines), "second": second,
+            "third": third, "status": status, "report": report, "docs": root / "docs"}  # fmt: skip
+
+
+@pytest.mark.slow
+def test_sigterm_stops_the_grid_with_exit_75_and_a_rerun_finishes_it(tiny_run) -> None:
+    code, output = tiny_run["first"]
+    assert code == 75, output
+    assert "rows/student-seed0: stopped" in output and "run the same command again" in output
+    second = tiny_run["second"]
+    assert second.returncode == 0, second.stdout[-3000:] + second.stderr[-3000:]
+    assert "teachers/ldam-seed0: complete" in second.stdout
+    assert "rows/student-seed0: training" in second.stdout  # resumed, not skipped
+    third = tiny_run["third"]
+    assert third.returncode == 0 and "training" not in third.stdout, third.stdout
+
+
+@pytest.mark.slow
+def test_the_stopped_run_resumed_from_its_checkpoint_and_recorded_both_attempts(tiny_run):
+    state = json.loads((tiny_run["out"] / "rows" / "student-seed0" / "experiment.json").read_text())
+    assert state["state"] == "done"
+    assert [a["exit"] for a in state["attempts"]] == [75, 0]
+    log = (tiny_run["out"] / "rows" / "student-seed0.log").read_text()
+    assert "resumed from" in log
+
+
+@pytest.mark.slow
+def test_status_lists_every_run_done(tiny_run) -> None:
+    status = tiny_run["status"]
+    assert status.returncode == 0, status.stderr
+    lines = status.stdout.strip().splitlines()
+    assert lines[-1] == "12 done"
+    assert any(line.startswith("rows/stage-seed1") and " done " in line for line in lines)
+
+
+@pytest.mark.slow
+def test_the_report_publishes_every_section_from_the_runs(tiny_run) -> None:
+    report = tiny_run["report"]
+    assert report.returncode == 0, report.stdout[-2000:] + report.stderr[-3000:]
+    docs = tiny_run["docs"]
+    page = (docs / "tiny.md").read_text()
+    for heading in ("## S", "## T", "## Teachers", "## Cost and the teacher's labels",
+                    "## The project against the plain loop: student and control",
+                    "## The claims", "## The two heads of row student",
+                    "## Which checkpoint: row student"):  # fmt: skip
+        assert heading in page, heading
+    doc = json.loads((docs / "data" / "tiny.json").read_text())
+    student = doc["rows"]["student"]
+    latest = json.loads((tiny_run["out"] / "rows" / "student-seed0" / "eval" / "latest.json")
+                        .read_text())  # fmt: skip
+    assert student[0]["metrics"]["mean/overall"] == latest["metrics"]["mean/overall"]
+    assert student[0]["summary"]["steps"] >= 1 and student[0]["wall_s"] > 0
+    assert "| again | mean of logits |" in page  # the reused row shows the student's runs
+    assert report_mod.check_published(docs) == []
