@@ -32,8 +32,8 @@ def demo(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, subprocess.Com
 
 def test_demo_runs_every_stage_and_says_where_outputs_are(demo):
     out, done = demo
-    for stage in range(1, 7):
-        assert f"[{stage}/6]" in done.stdout
+    for stage in range(1, 8):
+        assert f"[{stage}/7]" in done.stdout
     assert "demo finished" in done.stdout
     for path in (out / "teacher" / "teacher", out / "student", out / "export", out / "analysis"):
         assert str(path) in done.stdout
@@ -47,6 +47,18 @@ def test_demo_leaves_teacher_eval_table_and_timm_export(demo):
     assert table.strip() in done.stdout
     assert (out / "export" / "model.safetensors").is_file()
     assert (out / "export" / "config.json").is_file()
+
+
+def test_demo_scores_the_export_in_plain_timm_as_training_scored_it(demo):
+    out, done = demo
+    line = next(x for x in done.stdout.splitlines() if "timm's prediction" in x)
+    timm_score = float(line.split("logits): ")[1].split(" overall")[0])
+    trained = json.loads((out / "student" / "eval" / "latest.json").read_text())["metrics"]
+    assert timm_score == round(100 * trained["mean/overall"], 1)
+    assert f"row mean: {timm_score:.1f}" in line
+    meta = json.loads((out / "data" / "digits-lt" / "meta.json").read_text())
+    assert meta["train_counts"] == [120, 86, 61, 44, 31, 22, 16, 11, 8, 6]
+    assert sum(meta["val_counts"]) == 892  # every digit neither split uses
 
 
 def test_demo_student_produces_every_plot_as_a_titled_png(demo):

@@ -37,12 +37,13 @@ import random
 import signal
 import subprocess
 import sys
-import tarfile
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
+
+from deitlt_scale.data.shard_reader import read_split
 
 HELP = "train a recipe with a plain PyTorch loop beside the project's trainer; compare"
 EXIT_STOPPED = 75
@@ -99,20 +100,6 @@ def _train_project(recipe: str, overrides: list[str]) -> int:
 
 # --------------------------------------------------------------------------------------------
 # Data
-
-
-def read_split(root: Path, split: str) -> list[tuple[bytes, int]]:
-    """Every (encoded image, label) of ``split`` from the shards meta.json lists, in order."""
-    meta = json.loads((root / "meta.json").read_text())
-    samples: list[tuple[bytes, int]] = []
-    for shard in meta["splits"][split]["shards"]:
-        members: dict[str, dict[str, bytes]] = {}
-        with tarfile.open(root / shard["name"]) as tar:
-            for info in tar:
-                key, _, ext = info.name.partition(".")
-                members.setdefault(key, {})[ext] = tar.extractfile(info).read()
-        samples += [(m["jpg"], int(m["cls"])) for m in members.values()]
-    return samples
 
 
 class ImageSplit:
