@@ -11,10 +11,13 @@ with each image decoded once and augmented in three branches (``once``), and wit
 ratios to the last are printed. The first DALI figure is the one compared with the reference.
 All use ``data.epoch_multiple=1``; the reference never repeats.
 
-Then the epoch start (with ``--repeated-aug``): the train loader makes a new pipeline every epoch, and defines the next
+Then the epoch start (with ``--repeated-aug``): the train loader makes a new pipeline every epoch
+(from the train graph it defined once, deserialized with the epoch's seed), and makes the next
 epoch's while the current one runs. With a simulated training step of ``--step-ms`` per batch,
 the wait for each epoch's first batch (epochs 1-3 of 3-batch epochs) is measured with the pipeline
-defined ahead and defined when the epoch starts; the medians and their ratio are printed.
+made ahead and made when the epoch starts; the medians and their ratio are printed. Last, what
+the graph costs: defining it (Python, once per loader; what every epoch paid when each defined its
+own) against making one epoch's pipeline from the serialized graph.
 """
 
 from __future__ import annotations
@@ -175,6 +178,25 @@ def _epoch_start_wait(loader, step_s: float, epochs: int = 3) -> float:
     return statistics.median(waits)
 
 
+def _graph_costs(meta, cfg: DataConfig, batch: int, device, epochs: int = 3) -> tuple[float, float]:
+    """Seconds to define the train graph (what every epoch cost when each defined its own) and
+    the median seconds to make one epoch's pipeline from it (deserialize with the seed, build)."""
+    import statistics
+
+    from deitlt_scale.data.loader import TrainLoader
+
+    loader = TrainLoader(meta, cfg, batch, 1, rank=0, world_size=1, seed=0, device=device)
+    start = time.perf_counter()
+    loader.serialized_graph()
+    defined = time.perf_counter() - start
+    made = []
+    for epoch in range(epochs):
+        start = time.perf_counter()
+        loader.build_pipeline(epoch)
+        made.append(time.perf_counter() - start)
+    return defined, statistics.median(made)
+
+
 def run(args: argparse.Namespace) -> int:
     import torch
 
@@ -276,12 +298,19 @@ def run(args: argparse.Namespace) -> int:
             waits[ahead] = _epoch_start_wait(loader, args.step_ms / 1000)
         print(
             f"epoch start (wait for the first batch, {args.step_ms:g} ms simulated step per "
-            f"batch): {waits[False]:.3f} s with the pipeline defined when the epoch starts, "
-            f"{waits[True]:.3f} s defined ahead during the previous epoch",
+            f"batch): {waits[False]:.3f} s with the pipeline made when the epoch starts, "
+            f"{waits[True]:.3f} s made ahead during the previous epoch",
+            flush=True,
+        )
+        defined, per_epoch = _graph_costs(meta, cfg, args.batch_size, device)
+        print(
+            f"train graph: {defined:.3f} s to define (Python, once per loader), {per_epoch:.3f} s "
+            "per epoch to deserialize with the epoch's seed and build",
             flush=True,
         )
     for label, _, _ in variants[:-1]:
         print(f"ratio repeated aug {label}/off: {rates[label] / rates['off']:.2f}x")
     print(f"ratio epoch start wait ahead/at start: {waits[True] / waits[False]:.2f}x")
+    print(f"ratio per-epoch pipeline deserialized/defined: {per_epoch / defined:.2f}x")
     print(f"ratio dali/reference: {dali_rate / ref_rate:.2f}x")
     return 0
