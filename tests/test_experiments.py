@@ -19,6 +19,7 @@ from pathlib import Path
 
 import pytest
 import yaml
+from slurm_cluster import slurm_cluster_fixture  # noqa: F401  (the session's SLURM cluster)
 
 from deitlt_scale.config import ConfigError
 from deitlt_scale.errors import UserError
@@ -60,7 +61,7 @@ TINY_GRID = {
 SHRINK = [
     "--epochs", "2", "--teacher-epochs", "2",
     "--set", "model.embed_dim=48", "model.depth=2", "train.micro_batch=16",
-    "data.epoch_multiple=16", "train.max_steps=40", "checkpoint.every_steps=4",
+    "data.epoch_multiple=16", "train.max_steps=60", "checkpoint.every_steps=4",
     "eval.every_epochs=1",
     "tracking.enabled=false", "data.num_threads=1",
     "--teacher-set", "train.max_steps=3", "tracking.enabled=false", "data.num_threads=1",
@@ -368,3 +369,96 @@ def test_the_report_publishes_every_section_from_the_runs(tiny_run) -> None:
     assert student[0]["summary"]["steps"] >= 1 and student[0]["wall_s"] > 0
     assert "| again | mean of logits |" in page  # the reused row shows the student's runs
     assert report_mod.check_published(docs) == []
+
+
+# --------------------------------------------------------------------------------------------
+# The same grid as SLURM arrays, on the real test cluster
+
+
+@pytest.fixture(scope="module")
+def slurm_run(slurm_cluster, tiny_run, tmp_path_factory: pytest.TempPathFactory) -> dict:
+    """Rows student and other (two teachers, four students) submitted to the cluster; student
+    seed 1 is signalled (USR1) once it has saved a checkpoint, exits 75 and is requeued."""
+    root = tmp_path_factory.mktemp("submitted")
+    grid = write_grid(root / "tiny.yaml", TINY_GRID)
+    out = root / "out"
+    env = slurm_cluster.env({"PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1"})
+    cmd = [
+        sys.executable,
+        "-m",
+        "deitlt_scale.cli",
+        "experiment",
+        "submit",
+        str(grid),
+        "--out",
+        str(out),
+        "--only",
+        "student",
+        "other",
+        "--sbatch=--cpus-per-task=1",
+        *SHRINK,
+    ]
+    submitted = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=120)
+    assert submitted.returncode == 0, submitted.stdout + submitted.stderr
+    jobs = {line.split()[1].rstrip(":"): line.split()[0]
+            for line in submitted.stdout.splitlines() if line.split()}  # fmt: skip
+    student = out / "rows" / "student-seed1"
+    slurm_cluster.wait_until(lambda: bool(list(student.glob("checkpoints/step_*/COMPLETE"))),
+                             600, "student seed 1 to save a checkpoint")  # fmt: skip
+    slurm_cluster.signal(f"{jobs['rows/student']}_1", "USR1")
+    ends = {name: slurm_cluster.wait_for_end(job, 900) for name, job in jobs.items()}
+    report = subprocess.run([sys.executable, "-m", "deitlt_scale.cli", "experiment", "report",
+                             str(out)], cwd=REPO, env=env, capture_output=True, text=True,
+                            timeout=300)  # fmt: skip
+    return {"out": out, "submitted": submitted, "jobs": jobs, "ends": ends, "report": report}
+
+
+@pytest.mark.slow
+def test_submit_makes_one_array_per_teacher_and_row_and_every_element_completes(slurm_run):
+    submitted = slurm_run["submitted"].stdout
+    assert "--array=0,1" in submitted and "--dependency=aftercorr:" in submitted
+    assert set(slurm_run["jobs"]) == {"data", "teachers/ldam", "teachers/ce", "rows/student",
+                                      "rows/other"}  # fmt: skip
+    for name, end in slurm_run["ends"].items():
+        assert end.exit_code == 0, f"{name}\n{end.report}"
+    status = deitlt("experiment", "status", str(slurm_run["out"]))
+    assert status.stdout.strip().splitlines()[-1] == "8 done", status.stdout
+
+
+@pytest.mark.slow
+def test_each_student_element_starts_after_its_own_teacher_element_ended(slurm_run):
+    out = slurm_run["out"]
+    for row, teacher in (("student", "ldam"), ("other", "ce")):
+        for seed in (0, 1):
+            state = json.loads((out / "rows" / f"{row}-seed{seed}" / "experiment.json").read_text())
+            taught = json.loads(
+                (out / "teachers" / f"{teacher}-seed{seed}" / "experiment.json").read_text()
+            )
+            assert state["attempts"][0]["started"] >= taught["attempts"][-1]["ended"]
+            assert state["slurm_job"].endswith(f"_{seed}")
+
+
+@pytest.mark.slow
+def test_the_signalled_element_was_requeued_and_resumed(slurm_run):
+    state = json.loads(
+        (slurm_run["out"] / "rows" / "student-seed1" / "experiment.json").read_text()
+    )
+    assert [a["exit"] for a in state["attempts"]] == [75, 0]
+    log = (slurm_run["out"] / "rows" / "student-seed1.log").read_text()
+    assert "scontrol requeue" in log and "resumed from" in log
+
+
+@pytest.mark.slow
+def test_the_cluster_reports_what_the_same_grid_gives_on_one_machine(slurm_run, tiny_run):
+    """Every run's final figures, and so the tables and the claim, equal the local run's: the
+    runs are deterministic in their seed, requeued or stopped or not."""
+    assert slurm_run["report"].returncode == 0, slurm_run["report"].stderr[-3000:]
+    cluster = json.loads((slurm_run["out"] / "report" / "results.json").read_text())
+    here = json.loads((tiny_run["docs"] / "data" / "tiny.json").read_text())
+    for stage in ("teachers", "rows"):
+        for name, runs in cluster[stage].items():
+            assert [r["metrics"] for r in runs] == [r["metrics"] for r in here[stage][name]], name
+    claims = [report_mod.Report(doc).verdicts() for doc in (cluster, here)]
+    assert [(v.differences, v.outcome) for v in claims[0]] == [
+        (v.differences, v.outcome) for v in claims[1]
+    ]
