@@ -183,6 +183,23 @@ def test_a_plan_grows_with_new_seeds_and_refuses_other_training_options(tmp_path
         extend(grid, out, Options(seeds=(0,), epochs=3))
 
 
+def test_a_run_is_refused_when_what_it_trains_changed_but_not_for_a_new_setting_at_default(
+    tmp_path,
+) -> None:
+    from deitlt_scale.experiments.plan import config_difference, trained_config
+
+    grid = grid_mod.load(write_grid(tmp_path / "tiny.yaml", TINY_GRID))
+    run = expand(grid, tmp_path / "o", Options()).by_key()["rows/student-seed0"]
+    recorded = trained_config(run)
+    assert "runtime.run_dir" not in recorded and recorded["train.seed"] == 0
+    older = {k: v for k, v in recorded.items() if k != "distill.cls_tau"}  # before it existed
+    assert config_difference(older, recorded) is None
+    assert config_difference(recorded, {**recorded, "optim.lr": 0.5}) == "optim.lr 0.001 -> 0.5"
+    assert (
+        config_difference({**recorded, "optim.gone": 1}, recorded) == "optim.gone no longer exists"
+    )
+
+
 # --------------------------------------------------------------------------------------------
 # The report, from a results document
 

@@ -246,11 +246,36 @@ def last_wins(overrides: list[str]) -> list[str]:
     return [item for i, item in enumerate(overrides) if last[item.split("=", 1)[0]] == i]
 
 
-def config_hash(run: Run) -> str:
-    """The digest of what the run trains (:func:`deitlt_scale.config.config_hash`)."""
+# Sections that say where a run writes and logs, not what it trains.
+UNTRAINED_SECTIONS = ("runtime", "tracking", "checkpoint")
+
+
+def trained_config(run: Run) -> dict:
+    """What the run trains: its resolved configuration, dotted keys, without where it writes."""
     from deitlt_scale import config as config_mod
 
-    return config_mod.config_hash(config_mod.load(run.recipe, list(run.overrides)))
+    flat = config_mod.flatten(config_mod.load(run.recipe, list(run.overrides)))
+    return {k: v for k, v in flat.items() if k.split(".")[0] not in UNTRAINED_SECTIONS}
+
+
+def config_difference(recorded: dict, current: dict) -> str | None:
+    """The first key whose value differs between a recorded and the current trained config, or
+    None. A key the recording lacks counts as unchanged when it now holds its default: a setting
+    added to the project later, at its default, trains the same run."""
+    from deitlt_scale import config as config_mod
+
+    defaults = {
+        k: v for k, v in config_mod.flatten(config_mod.Config()).items()
+        if k.split(".")[0] not in UNTRAINED_SECTIONS
+    }  # fmt: skip
+    for key, value in current.items():
+        was = recorded.get(key, defaults.get(key))
+        if key not in recorded and value == defaults.get(key):
+            continue
+        if was != value:
+            return f"{key} {was!r} -> {value!r}"
+    gone = [k for k in recorded if k not in current]
+    return f"{gone[0]} no longer exists" if gone else None
 
 
 def is_complete(run: Run) -> bool:

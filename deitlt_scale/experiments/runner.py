@@ -27,7 +27,14 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from deitlt_scale.errors import UserError
-from deitlt_scale.experiments.plan import STATE_FILE, Plan, Run, config_hash, is_complete
+from deitlt_scale.experiments.plan import (
+    STATE_FILE,
+    Plan,
+    Run,
+    config_difference,
+    is_complete,
+    trained_config,
+)
 
 EXIT_REQUEUE = 75  # a run stopped by a signal after a checkpoint: run again to resume
 
@@ -35,7 +42,7 @@ EXIT_REQUEUE = 75  # a run stopped by a signal after a checkpoint: run again to 
 @dataclass
 class RunState:
     argv: list[str]
-    config_hash: str
+    config: dict | None  # what it trains: the resolved config's dotted keys (trained_config)
     state: str = "pending"  # running | done | failed | stopped
     host: str = ""
     pid: int = 0
@@ -48,7 +55,10 @@ class RunState:
         path = run.run_dir / STATE_FILE
         if not path.is_file():
             return None
-        return cls(**json.loads(path.read_text()))
+        data = json.loads(path.read_text())
+        data.pop("config_hash", None)  # recorded before the config itself was: not compared
+        data.setdefault("config", None)
+        return cls(**data)
 
     def write(self, run: Run) -> None:
         run.run_dir.mkdir(parents=True, exist_ok=True)
@@ -80,17 +90,18 @@ def last_line(log: Path) -> str:
 
 def check_configuration(run: Run) -> RunState:
     """The run's state, new or recorded; refuses a directory trained with another config."""
-    digest = config_hash(run)
+    current = trained_config(run)
     state = RunState.read(run)
     if state is None:
-        return RunState(list(run.argv), digest)
-    if state.config_hash != digest:
+        return RunState(list(run.argv), current)
+    changed = None if state.config is None else config_difference(state.config, current)
+    if changed is not None:
         raise UserError(
             f"{run.run_dir} was trained with another configuration than {run.key} asks for now "
-            "(the grid, its recipes or the options changed); delete that directory or use "
-            "another --out"
+            f"({changed}: the grid, its recipes or the options changed); delete that directory "
+            "or use another --out"
         )
-    state.argv = list(run.argv)
+    state.argv, state.config = list(run.argv), current
     return state
 
 
