@@ -135,7 +135,7 @@ def scheduled_lr(
         step: 0-indexed optimizer step.
         peak: the peak lr (:func:`peak_lr`).
         steps_per_epoch: optimizer steps per epoch; converts the epoch-denominated warm-up and
-            milestones (``round(epochs * steps_per_epoch)``, as ``config.resolve_steps``).
+            milestones (``round(epochs * steps_per_epoch)``, as ``steps.resolve_steps``).
         total_steps: steps the schedule spans (``Steps.scheduled``: epochs x steps_per_epoch).
 
     With ``per_epoch`` the lr is constant within an epoch ``e = step // steps_per_epoch``: the

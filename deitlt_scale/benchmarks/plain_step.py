@@ -45,11 +45,11 @@ class PlainStep:
     name = "plain"
 
     def __init__(self, cfg, meta, device: torch.device, batches: Iterator[Any]) -> None:
-        from deitlt_scale import config as config_mod
         from deitlt_scale.data.mixing import Mixer
         from deitlt_scale.losses import DeiTLTObjective
         from deitlt_scale.models.student import create_student
         from deitlt_scale.optim import param_groups, peak_lr
+        from deitlt_scale.steps import resolve_steps
         from deitlt_scale.tasks import load_frozen_teacher
 
         self.cfg, self.device, self.batches = cfg, device, batches
@@ -63,7 +63,7 @@ class PlainStep:
         self.mixer = Mixer(cfg.data.mixup, num_classes)
         class_map = meta.class_map if cfg.teacher.map_targets else None
         self.objective = DeiTLTObjective(cfg.distill, meta.train_counts, class_map=class_map)
-        self.steps = config_mod.resolve_steps(cfg, meta.num_samples("train"), 1)
+        self.steps = resolve_steps(cfg, meta.num_samples("train"), 1)
         self.peak_lr = peak_lr(cfg.optim, cfg.train.micro_batch, 1)
         fused = {"fused": True} if cfg.optim.fused and device.type == "cuda" else {}
         self.optimizer = torch.optim.AdamW(

@@ -27,6 +27,7 @@ from deitlt_scale.engine import checkpoint, selection
 from deitlt_scale.engine.distributed import World, deepspeed_config
 from deitlt_scale.engine.evaluate import EvalResult, evaluate_run, format_table, write_json_atomic
 from deitlt_scale.engine.warm_start import warm_start
+from deitlt_scale.steps import resolve_steps
 from deitlt_scale.tracking.writer import MetricWriter
 
 EXIT_REQUEUE = 75  # stopped by a signal after a complete checkpoint: requeue and resume
@@ -76,7 +77,7 @@ class Trainer:
         cfg, world = self.cfg, self.world
         self.meta = self._given_meta or meta_mod.load(cfg.data.shards)
         self.num_classes = self.meta.num_classes
-        self.steps = config_mod.resolve_steps(cfg, self.meta.num_samples("train"), world.world_size)
+        self.steps = resolve_steps(cfg, self.meta.num_samples("train"), world.world_size)
         self.peak_lr = components.peak_lr(cfg, world.world_size)
         self.ds_config = deepspeed_config(cfg, world.world_size)
         self.resume_from = (
