@@ -30,13 +30,13 @@ from deitlt_scale.data.dali import (
 )
 from deitlt_scale.data.loader import (
     EvalLoader,
-    ShardError,
     TrainLoader,
     parse_labels,
     resolve_backend,
 )
 from deitlt_scale.data.meta import DatasetMeta
 from deitlt_scale.data.reference import ReferenceLoader
+from deitlt_scale.data.shard_files import ShardError
 from deitlt_scale.data.shards import Sample, shard_name, write_shard
 from deitlt_scale.errors import UserError
 

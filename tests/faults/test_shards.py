@@ -18,7 +18,7 @@ import torch
 from deitlt_scale import cli
 from deitlt_scale import config as config_mod
 from deitlt_scale.data import meta as meta_mod
-from deitlt_scale.data.loader import ShardError
+from deitlt_scale.data.shard_files import ShardError
 from deitlt_scale.engine.components import build_eval_loader, build_train_loader
 from deitlt_scale.engine.distributed import World
 from deitlt_scale.steps import resolve_steps
