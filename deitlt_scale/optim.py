@@ -22,7 +22,7 @@ NO_DECAY_NAMES = frozenset({"pos_embed", "cls_token", "dist_token"})
 _WRAPPER_PREFIXES = ("_orig_mod.", "module.")
 
 
-def _bare_name(name: str) -> str:
+def bare_name(name: str) -> str:
     changed = True
     while changed:
         changed = False
@@ -52,7 +52,7 @@ def param_groups(
     for name, p in model.named_parameters():
         if not p.requires_grad:
             continue
-        bare = _bare_name(name)
+        bare = bare_name(name)
         if p.ndim <= 1 or bare.endswith(".bias") or bare in skip:
             no_decay.append(p)
         else:

@@ -25,7 +25,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from deitlt_scale.engine.trainer import _mix_seed
+from deitlt_scale.engine.trainer import mix_seed
 
 # How far apart the two sides' weights may end, as a fraction of how far training moved them
 # (L2 over all parameters): both run the same float operations except that DeepSpeed's optimizer
@@ -87,7 +87,7 @@ class PlainStep:
             count = s.micro_batches_in_step(step)
             for micro in range(count):
                 batch = next(self.batches)
-                seed = _mix_seed(self.cfg.train.seed, 0, step, micro)
+                seed = mix_seed(self.cfg.train.seed, 0, step, micro)
                 torch.manual_seed(seed)  # drop path, as the trainer seeds it
                 images, targets = self._targets(batch.images, batch.labels, seed, drw)
                 teacher_logits = self.teacher(images) if self.teacher is not None else None
@@ -143,15 +143,15 @@ class PlainStep:
 def engine_weights(engine) -> dict[str, Tensor]:
     """The DeepSpeed engine's module parameters by name (gathered under ZeRO 3), detached fp32
     copies on the CPU, named as the bare student names them."""
-    from deitlt_scale.optim import _bare_name
+    from deitlt_scale.optim import bare_name
 
     params = dict(engine.module.named_parameters())
     if engine.zero_optimization_stage() == 3:
         import deepspeed
 
         with deepspeed.zero.GatheredParameters(list(params.values()), modifier_rank=None):
-            return {_bare_name(n): p.detach().float().cpu().clone() for n, p in params.items()}
-    return {_bare_name(n): p.detach().float().cpu().clone() for n, p in params.items()}
+            return {bare_name(n): p.detach().float().cpu().clone() for n, p in params.items()}
+    return {bare_name(n): p.detach().float().cpu().clone() for n, p in params.items()}
 
 
 @dataclass(frozen=True)

@@ -189,7 +189,7 @@ class Trainer:
         """Forward, loss and backward of micro-batch ``micro`` of the ``count`` that optimizer
         step ``step`` accumulates (default ``grad_accum``); the engine steps after the last."""
         cfg, task = self.cfg, self.task
-        seed = _mix_seed(cfg.train.seed, self.world.rank, step, micro)
+        seed = mix_seed(cfg.train.seed, self.world.rank, step, micro)
         torch.manual_seed(seed)  # drop path and any other torch randomness
         drw = self.steps.drw_start is not None and step >= self.steps.drw_start
         mb = task.inputs(batch, seed, drw)
@@ -472,7 +472,7 @@ def _record_event(device: torch.device) -> Any:
     return event
 
 
-def _mix_seed(seed: int, rank: int, step: int, micro: int) -> int:
+def mix_seed(seed: int, rank: int, step: int, micro: int) -> int:
     # A 63-bit mix of the four integers: independent streams per rank, step and micro-step.
     h = (
         seed * 0x9E3779B97F4A7C15 + rank * 0xBF58476D1CE4E5B9 + step * 0x94D049BB133111EB + micro
