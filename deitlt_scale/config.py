@@ -1,9 +1,10 @@
 """The typed configuration tree, loaded from a YAML recipe plus dotted command-line overrides.
 
-Precedence: CLI overrides > recipe > dataclass defaults. Loading is strict: an unknown key or a
-value of the wrong type is a :class:`ConfigError` whose one-line message names the key and lists
-the valid ones. Durations in epochs are resolved to optimizer steps once, by :func:`resolve_steps`,
-when the dataset size and world size are known.
+Precedence: CLI overrides > recipe > dataclass defaults. Loading is strict
+(:mod:`deitlt_scale.strict`): an unknown key or a value of the wrong type is a
+:class:`~deitlt_scale.strict.ConfigError` whose one-line message names the key and lists the
+valid ones. Durations in epochs are resolved to optimizer steps once, by
+:func:`deitlt_scale.steps.resolve_steps`, when the dataset size and world size are known.
 """
 
 from __future__ import annotations
@@ -12,25 +13,19 @@ import dataclasses
 import hashlib
 import itertools
 import json
-import types
-import typing
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
 import yaml
 
-from deitlt_scale.errors import UserError
+from deitlt_scale.strict import ConfigError, build_strict
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 # The reference sampler (RASampler) trains on floor(N / 256) * 256 samples per epoch, split over
 # the ranks: METHOD.md 1.6. ``data.epoch_multiple`` defaults to it.
 REFERENCE_EPOCH_MULTIPLE = 256
-
-
-class ConfigError(UserError, ValueError):
-    """A recipe or override that does not fit the schema; the message is one line."""
 
 
 @dataclass
@@ -320,23 +315,16 @@ def load(recipe: str | Path | None = None, overrides: list[str] | tuple[str, ...
         if not sep or not key:
             raise ConfigError(f"override {item!r} must look like section.key=value")
         _set_dotted(tree, key.strip(), _parse_scalar(raw))
-    cfg = _build(Config, tree, "")
+    cfg = build_strict(Config, tree, "")
     validate(cfg)
     return cfg
 
 
 def from_dict(tree: dict[str, Any]) -> Config:
     """Build a validated Config from a nested mapping (e.g. a dumped config.yaml)."""
-    cfg = _build(Config, tree, "")
+    cfg = build_strict(Config, tree, "")
     validate(cfg)
     return cfg
-
-
-def build_strict(cls: type, tree: Any, prefix: str = "") -> Any:
-    """A dataclass ``cls`` from a nested mapping with this module's rules: unknown keys and
-    values of the wrong type are a :class:`ConfigError` naming ``prefix`` + the key (any
-    dataclass of plain fields, e.g. the experiment grid files of ``deitlt experiment``)."""
-    return _build(cls, tree, prefix)
 
 
 def to_dict(cfg: Any) -> dict[str, Any]:
@@ -523,130 +511,6 @@ def validate_world(cfg: Config, world_size: int) -> None:
         )
 
 
-def samples_per_rank(num_samples: int, world_size: int, multiple: int) -> int:
-    """Samples one rank trains on per epoch: ``floor(floor(N / multiple) * multiple / world)``.
-
-    The reference's RASampler truncation (METHOD.md 1.6) with ``multiple`` = 256. A split smaller
-    than one ``multiple`` (whose epochs the reference leaves empty) keeps ``floor(N / world)``.
-    """
-    kept = (num_samples // multiple) * multiple if num_samples >= multiple else num_samples
-    return kept // world_size
-
-
-@dataclass(frozen=True)
-class Steps:
-    """Epoch-denominated durations resolved to optimizer steps (see :func:`resolve_steps`).
-
-    Per rank an epoch is ``samples_per_rank`` samples in ``micro_batches_per_epoch`` micro-batches
-    of ``micro_batch`` (the last one holds ``last_micro_batch``, possibly fewer), grouped into
-    ``steps_per_epoch`` optimizer steps of ``grad_accum`` micro-batches (the last step holds what
-    is left: :meth:`micro_batches_in_step`). Every rank has the same sizes.
-    """
-
-    steps_per_epoch: int
-    total: int  # steps this run trains (train.max_steps may cut it short)
-    scheduled: int  # steps the lr schedule spans: epochs x steps_per_epoch
-    warmup: int
-    drw_start: int | None  # first optimizer step of the DRW phase, None when never
-    micro_batches_per_epoch: int  # per rank
-    samples_per_rank: int  # per epoch
-    micro_batch: int  # images in every micro-batch but the epoch's last
-    grad_accum: int  # micro-batches in every optimizer step but the epoch's last
-
-    def epoch_of(self, step: int) -> int:
-        return step // self.steps_per_epoch
-
-    @property
-    def last_micro_batch(self) -> int:
-        """Images in the epoch's last micro-batch (``micro_batch`` when the epoch divides)."""
-        return self.samples_per_rank - (self.micro_batches_per_epoch - 1) * self.micro_batch
-
-    def micro_batches_in_step(self, step: int) -> int:
-        """Micro-batches optimizer step ``step`` (global, 0-based) accumulates: ``grad_accum``,
-        except the epoch's last step, which takes the rest."""
-        within = step % self.steps_per_epoch
-        if within < self.steps_per_epoch - 1:
-            return self.grad_accum
-        return self.micro_batches_per_epoch - within * self.grad_accum
-
-    def micro_batch_size(self, step: int, micro: int) -> int:
-        """Images per rank in micro-batch ``micro`` (0-based within the step) of ``step``."""
-        if not 0 <= micro < self.micro_batches_in_step(step):
-            raise ValueError(f"step {step} has no micro-batch {micro}")
-        index = (step % self.steps_per_epoch) * self.grad_accum + micro
-        if index == self.micro_batches_per_epoch - 1:
-            return self.last_micro_batch
-        return self.micro_batch
-
-    def first_micro_batch(self, step: int) -> int:
-        """Index within its epoch of the first micro-batch of ``step`` (for resuming)."""
-        return (step % self.steps_per_epoch) * self.grad_accum
-
-
-def resolve_steps(cfg: Config, train_samples: int, world_size: int) -> Steps:
-    """The reference's epoch (METHOD.md 1.6), in optimizer steps.
-
-    Per rank an epoch is ``samples_per_rank(N, world, data.epoch_multiple)`` samples, cut into
-    ``ceil(samples / micro_batch)`` micro-batches (the last may be smaller) and grouped into
-    ``ceil(micro_batches / grad_accum)`` optimizer steps (the last may hold fewer micro-batches).
-    Warm-up, DRW start and the total are counted in these steps.
-    """
-    t = cfg.train
-    per_rank = samples_per_rank(train_samples, world_size, cfg.data.epoch_multiple)
-    if per_rank < 1:
-        raise ConfigError(
-            f"the {train_samples} training images are fewer than the {world_size} ranks; "
-            "use fewer processes"
-        )
-    micro_batches = -(-per_rank // t.micro_batch)
-    steps_per_epoch = -(-micro_batches // t.grad_accum)
-    last = per_rank - (micro_batches - 1) * t.micro_batch
-    mix = cfg.data.mixup
-    mixing = mix.prob > 0 and (mix.mixup_alpha > 0 or mix.cutmix_alpha > 0)
-    if mixing and last % 2:
-        raise ConfigError(
-            f"the last micro-batch of an epoch holds {last} images ({per_rank} per rank in "
-            f"micro-batches of {t.micro_batch}), but mixup needs an even batch; change "
-            "train.micro_batch, the world size or data.epoch_multiple"
-        )
-    if cfg.paco.enabled:
-        _check_paco_batches(cfg, per_rank, last, world_size)
-    total = steps_per_epoch * t.epochs
-    if t.max_steps is not None:
-        total = min(total, t.max_steps)
-    warmup = round(cfg.schedule.warmup_epochs * steps_per_epoch)
-    drw = cfg.distill.drw_epoch
-    return Steps(
-        steps_per_epoch=steps_per_epoch,
-        total=total,
-        scheduled=steps_per_epoch * t.epochs,
-        warmup=warmup,
-        drw_start=None if drw is None else drw * steps_per_epoch,
-        micro_batches_per_epoch=micro_batches,
-        samples_per_rank=per_rank,
-        micro_batch=t.micro_batch,
-        grad_accum=t.grad_accum,
-    )
-
-
-def _check_paco_batches(cfg: Config, per_rank: int, last: int, world_size: int) -> None:
-    """PaCo's key queue takes whole global batches: every micro-batch full (the reference's
-    ``drop_last=True``) and ``moco_k`` a multiple of the global micro-batch."""
-    micro, k = cfg.train.micro_batch, cfg.paco.moco_k
-    if last != micro:
-        raise ConfigError(
-            f"the last micro-batch of an epoch holds {last} images ({per_rank} per rank in "
-            f"micro-batches of {micro}), but PaCo's queue takes full batches; set "
-            f"data.epoch_multiple={micro * world_size} (micro_batch x {world_size} processes: "
-            "the partial batch is dropped, as the reference's drop_last)"
-        )
-    if k % (micro * world_size):
-        raise ConfigError(
-            f"paco.moco_k={k} is not a multiple of the global micro-batch {micro * world_size} "
-            f"(micro_batch {micro} x {world_size} processes); change one of them"
-        )
-
-
 # --------------------------------------------------------------------------------------------
 # Internals
 
@@ -681,72 +545,3 @@ def _set_dotted(tree: dict[str, Any], key: str, value: Any) -> None:
             )
         node = child
     node[parts[-1]] = value
-
-
-def _build(cls: type, tree: Any, prefix: str) -> Any:
-    where = prefix.rstrip(".") or "the recipe"
-    if not isinstance(tree, dict):
-        raise ConfigError(f"{where} must be a mapping, got {type(tree).__name__}")
-    hints = typing.get_type_hints(cls)
-    names = [f.name for f in dataclasses.fields(cls)]
-    unknown = [k for k in tree if k not in names]
-    if unknown:
-        raise ConfigError(
-            f"unknown key {prefix}{unknown[0]}; valid keys of {where}: {', '.join(names)}"
-        )
-    kwargs = {}
-    for name in names:
-        if name in tree:
-            kwargs[name] = _coerce(hints[name], tree[name], f"{prefix}{name}")
-    return cls(**kwargs)
-
-
-def _coerce(tp: Any, value: Any, key: str) -> Any:
-    if dataclasses.is_dataclass(tp):
-        return _build(tp, value if value is not None else {}, key + ".")
-    origin = typing.get_origin(tp)
-    args = typing.get_args(tp)
-    if origin in (typing.Union, types.UnionType):
-        if value is None and type(None) in args:
-            return None
-        errors = []
-        for arg in (a for a in args if a is not type(None)):
-            try:
-                return _coerce(arg, value, key)
-            except ConfigError as err:
-                errors.append(err)
-        raise errors[0]
-    if origin is Literal:
-        if value in args and type(value) is type(args[args.index(value)]):
-            return value
-        raise ConfigError(f"{key} must be one of {', '.join(map(str, args))}, got {value!r}")
-    if origin is tuple and len(args) == 2 and args[1] is Ellipsis:  # tuple[X, ...]
-        if not isinstance(value, list | tuple):
-            raise ConfigError(f"{key} must be a list, got {value!r}")
-        return tuple(_coerce(args[0], v, f"{key}[{i}]") for i, v in enumerate(value))
-    if origin is tuple:
-        if not isinstance(value, list | tuple) or len(value) != len(args):
-            raise ConfigError(f"{key} must be a list of {len(args)} values, got {value!r}")
-        return tuple(_coerce(a, v, f"{key}[{i}]") for i, (a, v) in enumerate(zip(args, value)))
-    if tp is bool:
-        if isinstance(value, bool):
-            return value
-        raise ConfigError(f"{key} must be true or false, got {value!r}")
-    if tp is int:
-        if isinstance(value, int) and not isinstance(value, bool):
-            return value
-        raise ConfigError(f"{key} must be an integer, got {value!r}")
-    if tp is float:
-        if isinstance(value, int | float) and not isinstance(value, bool):
-            return float(value)
-        if isinstance(value, str):  # YAML 1.1 reads "1e-3" as a string
-            try:
-                return float(value)
-            except ValueError:
-                pass
-        raise ConfigError(f"{key} must be a number, got {value!r}")
-    if tp is str:
-        if isinstance(value, str):
-            return value
-        raise ConfigError(f"{key} must be a string, got {value!r}")
-    raise ConfigError(f"{key} has an unsupported type {tp}")

@@ -22,7 +22,7 @@ NO_DECAY_NAMES = frozenset({"pos_embed", "cls_token", "dist_token"})
 _WRAPPER_PREFIXES = ("_orig_mod.", "module.")
 
 
-def _bare_name(name: str) -> str:
+def bare_name(name: str) -> str:
     changed = True
     while changed:
         changed = False
@@ -52,7 +52,7 @@ def param_groups(
     for name, p in model.named_parameters():
         if not p.requires_grad:
             continue
-        bare = _bare_name(name)
+        bare = bare_name(name)
         if p.ndim <= 1 or bare.endswith(".bias") or bare in skip:
             no_decay.append(p)
         else:
@@ -135,7 +135,7 @@ def scheduled_lr(
         step: 0-indexed optimizer step.
         peak: the peak lr (:func:`peak_lr`).
         steps_per_epoch: optimizer steps per epoch; converts the epoch-denominated warm-up and
-            milestones (``round(epochs * steps_per_epoch)``, as ``config.resolve_steps``).
+            milestones (``round(epochs * steps_per_epoch)``, as ``steps.resolve_steps``).
         total_steps: steps the schedule spans (``Steps.scheduled``: epochs x steps_per_epoch).
 
     With ``per_epoch`` the lr is constant within an epoch ``e = step // steps_per_epoch``: the

@@ -37,8 +37,9 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from deitlt_scale.config import Config, ConfigError
+from deitlt_scale.config import Config
 from deitlt_scale.errors import UserError
+from deitlt_scale.strict import ConfigError
 
 if TYPE_CHECKING:
     from deitlt_scale.data.loader import Batch

@@ -8,7 +8,7 @@ import math
 import pytest
 
 from deitlt_scale import config as config_mod
-from deitlt_scale.config import ConfigError
+from deitlt_scale.strict import ConfigError
 from tests.test_losses import (
     CLS,
     COUNTS,

@@ -7,7 +7,8 @@ from pathlib import Path
 import pytest
 
 from deitlt_scale import config
-from deitlt_scale.config import ConfigError
+from deitlt_scale.steps import resolve_steps
+from deitlt_scale.strict import ConfigError
 
 RECIPES = sorted((Path(__file__).resolve().parent.parent / "recipes").glob("*.yaml"))
 
@@ -103,7 +104,7 @@ def test_epochs_resolve_to_optimizer_steps():
             "distill.drw_epoch=8",
         ],
     )
-    steps = config.resolve_steps(cfg, train_samples=1000, world_size=2)
+    steps = resolve_steps(cfg, train_samples=1000, world_size=2)
     # The reference's epoch: 1000 // 256 * 256 = 768 samples, 384 per rank, 24 micro-batches.
     assert steps.samples_per_rank == 384
     assert steps.micro_batches_per_epoch == 24
@@ -116,7 +117,7 @@ def test_epochs_resolve_to_optimizer_steps():
 
 def test_a_partial_last_micro_batch_and_step_close_the_epoch():
     cfg = config.load(None, ["train.micro_batch=16", "train.grad_accum=4", "data.epoch_multiple=1"])
-    steps = config.resolve_steps(cfg, train_samples=100, world_size=1)
+    steps = resolve_steps(cfg, train_samples=100, world_size=1)
     assert steps.micro_batches_per_epoch == 7  # 6 x 16 + 4
     assert steps.last_micro_batch == 4
     assert steps.steps_per_epoch == 2
@@ -129,14 +130,14 @@ def test_max_steps_cuts_the_run_but_not_the_schedule():
         None,
         ["train.epochs=10", "train.micro_batch=10", "train.max_steps=5", "data.epoch_multiple=1"],
     )
-    steps = config.resolve_steps(cfg, train_samples=100, world_size=1)
+    steps = resolve_steps(cfg, train_samples=100, world_size=1)
     assert (steps.total, steps.scheduled) == (5, 100)
 
 
 def test_fewer_images_than_ranks_is_refused():
     cfg = config.load(None, ["train.micro_batch=64"])
     with pytest.raises(ConfigError, match="the 3 training images are fewer than the 4 ranks"):
-        config.resolve_steps(cfg, train_samples=3, world_size=4)
+        resolve_steps(cfg, train_samples=3, world_size=4)
 
 
 def test_dump_and_reload_round_trip(tmp_path):

@@ -19,24 +19,18 @@ from PIL import Image
 
 from deitlt_scale.config import IMAGENET_MEAN, IMAGENET_STD, DataConfig
 from deitlt_scale.data import meta as meta_io
-from deitlt_scale.data.dali import (
-    LABEL_BYTES,
-    RA_BINS,
-    ContrastViews,
-    colour_views,
-    cutout,
-    gaussian_blur,
-    timm_increasing_suite,
-)
+from deitlt_scale.data.dali import LABEL_BYTES, ContrastViews
+from deitlt_scale.data.dali_augment import RA_BINS, timm_increasing_suite
+from deitlt_scale.data.dali_views import colour_views, cutout, gaussian_blur
 from deitlt_scale.data.loader import (
     EvalLoader,
-    ShardError,
     TrainLoader,
     parse_labels,
     resolve_backend,
 )
 from deitlt_scale.data.meta import DatasetMeta
 from deitlt_scale.data.reference import ReferenceLoader
+from deitlt_scale.data.shard_files import ShardError
 from deitlt_scale.data.shards import Sample, shard_name, write_shard
 from deitlt_scale.errors import UserError
 

@@ -21,11 +21,11 @@ import pytest
 import yaml
 from slurm_cluster import slurm_cluster_fixture  # noqa: F401  (the session's SLURM cluster)
 
-from deitlt_scale.config import ConfigError
 from deitlt_scale.errors import UserError
 from deitlt_scale.experiments import grid as grid_mod
 from deitlt_scale.experiments import report as report_mod
 from deitlt_scale.experiments.plan import Options, expand, extend
+from deitlt_scale.strict import ConfigError
 
 REPO = Path(__file__).resolve().parent.parent
 GRIDS = sorted((REPO / "experiments").glob("*.yaml"))

@@ -11,8 +11,8 @@ import torch
 from test_no_sync import run_steps, synthetic_batch, tiny_trainer
 
 from deitlt_scale import config as config_mod
-from deitlt_scale.config import ConfigError
 from deitlt_scale.engine.distributed import deepspeed_config
+from deitlt_scale.strict import ConfigError
 
 BF16 = {"deepspeed.bf16": "true", "teacher.dtype": "bf16", "train.grad_accum": 2}
 

@@ -15,11 +15,12 @@ import torch
 
 from deitlt_scale import config as config_mod
 from deitlt_scale import tasks
-from deitlt_scale.config import ConfigError
 from deitlt_scale.data import meta as meta_io
 from deitlt_scale.engine import checkpoint
 from deitlt_scale.models.importers import import_checkpoint
 from deitlt_scale.models.moco import MoCo
+from deitlt_scale.steps import resolve_steps
+from deitlt_scale.strict import ConfigError
 
 REPO = Path(__file__).resolve().parent.parent
 RECIPE = REPO / "recipes" / "teacher_paco_digits.yaml"
@@ -129,7 +130,7 @@ def test_two_view_recipes_that_cannot_train_are_refused_in_one_line(
     cfg = config_mod.load(RECIPE, [*overrides(digits_lt, tmp_path / "run"), *extra])
     with pytest.raises(ConfigError) as err:
         tasks.check(cfg)
-        config_mod.resolve_steps(cfg, meta_io.load(digits_lt).num_samples("train"), 1)
+        resolve_steps(cfg, meta_io.load(digits_lt).num_samples("train"), 1)
     assert message in str(err.value) and "\n" not in str(err.value)
 
 
@@ -140,7 +141,7 @@ def test_every_paco_recipe_trains_a_paco_task_in_whole_batches_at_its_world_size
         world = (cfg.train.global_batch or cfg.train.micro_batch) // cfg.train.micro_batch
         for train_images in (405, 10_847, 115_846, 437_513):  # digits, CIFAR-10-LT, IN-LT, iNat
             if train_images >= cfg.data.epoch_multiple:
-                config_mod.resolve_steps(cfg, train_images, world)
+                resolve_steps(cfg, train_images, world)
 
 
 def test_teacher_train_plans_a_paco_job_of_w_processes_without_building_it(

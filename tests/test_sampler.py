@@ -14,13 +14,15 @@ import numpy as np
 import pytest
 
 from deitlt_scale import config
-from deitlt_scale.config import REFERENCE_EPOCH_MULTIPLE, ConfigError
+from deitlt_scale.config import REFERENCE_EPOCH_MULTIPLE
 from deitlt_scale.data.epoch_plan import (
     EpochLayout,
     epoch_permutation,
     epoch_plan,
     global_sequence,
 )
+from deitlt_scale.steps import resolve_steps
+from deitlt_scale.strict import ConfigError
 
 RECIPES = Path(__file__).resolve().parents[1] / "recipes"
 
@@ -181,7 +183,7 @@ def test_paper_recipes_take_the_reference_steps(
     cfg = config.load(RECIPES / f"{recipe}.yaml")
     config.validate_world(cfg, world)
     assert cfg.data.repeated_aug == 3
-    steps = config.resolve_steps(cfg, n, world)
+    steps = resolve_steps(cfg, n, world)
     assert steps.samples_per_rank == per_rank
     assert steps.micro_batches_per_epoch == micro
     assert steps.steps_per_epoch == per_epoch
@@ -194,7 +196,7 @@ def test_paper_recipes_take_the_reference_steps(
 
 def test_an_epochs_steps_hold_every_micro_batch_and_sample_once() -> None:
     cfg = config.load(RECIPES / "inat18_deitlt_b.yaml")
-    steps = config.resolve_steps(cfg, 437_513, 4)
+    steps = resolve_steps(cfg, 437_513, 4)
     epoch = range(3 * steps.steps_per_epoch, 4 * steps.steps_per_epoch)
     micro = [steps.micro_batches_in_step(s) for s in epoch]
     assert sum(micro) == steps.micro_batches_per_epoch
@@ -207,7 +209,7 @@ def test_an_epochs_steps_hold_every_micro_batch_and_sample_once() -> None:
 
 def test_warm_up_and_drw_count_steps_of_the_reference_length() -> None:
     cfg = config.load(RECIPES / "cifar10lt_r50.yaml")
-    steps = config.resolve_steps(cfg, 13_996, 2)
+    steps = resolve_steps(cfg, 13_996, 2)
     assert steps.warmup == 5 * 14
     assert steps.drw_start == 1100 * 14
 
@@ -215,13 +217,13 @@ def test_warm_up_and_drw_count_steps_of_the_reference_length() -> None:
 def test_an_odd_last_micro_batch_under_mixup_is_refused() -> None:
     cfg = config.load(None, ["train.micro_batch=128"])
     with pytest.raises(ConfigError, match="holds 85 images"):
-        config.resolve_steps(cfg, 1_100, 3)  # 1,024 / 3 = 341 per rank = 2 x 128 + 85
+        resolve_steps(cfg, 1_100, 3)  # 1,024 / 3 = 341 per rank = 2 x 128 + 85
     without_mixup = config.load(None, ["train.micro_batch=128", "data.mixup.prob=0"])
-    assert config.resolve_steps(without_mixup, 1_100, 3).last_micro_batch == 85
+    assert resolve_steps(without_mixup, 1_100, 3).last_micro_batch == 85
 
 
 def test_a_split_smaller_than_the_epoch_multiple_keeps_its_samples() -> None:
     cfg = config.load(None, ["train.micro_batch=8"])
-    assert config.resolve_steps(cfg, 200, 2).samples_per_rank == 100
+    assert resolve_steps(cfg, 200, 2).samples_per_rank == 100
     with pytest.raises(ConfigError, match="fewer than the 4 ranks"):
-        config.resolve_steps(cfg, 3, 4)
+        resolve_steps(cfg, 3, 4)

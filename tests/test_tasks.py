@@ -11,12 +11,12 @@ import torch
 import torch.nn.functional as F
 
 from deitlt_scale import config, tasks
-from deitlt_scale.config import ConfigError
 from deitlt_scale.data.loader import Batch
 from deitlt_scale.data.longtail import drw_weights, groups_by_count, groups_by_index
 from deitlt_scale.data.meta import DatasetMeta
 from deitlt_scale.errors import UserError
 from deitlt_scale.models.teacher_runner import TeacherRunner
+from deitlt_scale.strict import ConfigError
 
 REPO = Path(__file__).resolve().parent.parent
 STUDENT_RECIPE = REPO / "recipes" / "tiny_digits.yaml"

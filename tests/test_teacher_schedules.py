@@ -17,9 +17,10 @@ from timm.scheduler import CosineLRScheduler
 from torch import nn
 
 from deitlt_scale import config
-from deitlt_scale.config import ConfigError, OptimConfig, ScheduleConfig
+from deitlt_scale.config import OptimConfig, ScheduleConfig
 from deitlt_scale.models.teachers import create_teacher_arch
 from deitlt_scale.optim import build_optimizer, param_groups, rho_at, scheduled_lr, step_lr_at
+from deitlt_scale.strict import ConfigError
 
 RECIPES = Path(__file__).resolve().parent.parent / "recipes"
 SPE = 3  # steps per epoch in these tests: every step of an epoch must see the epoch's value

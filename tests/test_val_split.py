@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 import torch
 
-from deitlt_scale.data import sources
+from deitlt_scale.data import list_sources, sources
 from deitlt_scale.data.prepare import prepare_dataset
 from deitlt_scale.errors import UserError
 from tests.test_prepare import flat_image, make_cifar_tarball
@@ -102,7 +102,7 @@ def places_root(tmp_path):
 
 def test_places_lt_reads_its_standard_lists_with_365_classes(tmp_path):
     root = places_root(tmp_path)
-    data = sources.read_lists("places-lt", root, val_list=root / "Places_LT_val.txt")
+    data = list_sources.read_lists("places-lt", root, val_list=root / "Places_LT_val.txt")
     assert data.dataset == "places-lt" and data.num_classes == 365
     assert len(data.train) == 367 and len(data.eval) == 365 and len(data.val) == 365
     assert data.details["train_list"].endswith("Places_LT_train.txt")
@@ -112,4 +112,4 @@ def test_a_val_list_entry_also_in_train_is_refused(tmp_path):
     root = places_root(tmp_path)
     (root / "val.txt").write_text("train/c000/0.jpg 0\n")
     with pytest.raises(UserError, match="duplicate path train/c000/0.jpg"):
-        sources.read_lists("places-lt", root, val_list=root / "val.txt")
+        list_sources.read_lists("places-lt", root, val_list=root / "val.txt")

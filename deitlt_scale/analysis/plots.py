@@ -19,7 +19,7 @@ GROUP_COLOURS = ("#4c72b0", "#dd8452", "#c44e52")  # head, mid, tail bands
 DPI = 110
 
 
-def _figure(width: float, height: float) -> Figure:
+def figure(width: float, height: float) -> Figure:
     fig = Figure(figsize=(width, height), dpi=DPI, layout="constrained")
     FigureCanvasAgg(fig)
     return fig
@@ -47,7 +47,7 @@ def plot_attention_distance(distances: Mapping[str, np.ndarray], image_size: int
     spread per block shows local vs global heads). Right: the heads of blocks 1 (solid) and 2
     (dashed), sorted, as the paper's Fig. 4b.
     """
-    fig = _figure(11, 4.2)
+    fig = figure(11, 4.2)
     fig.suptitle("Mean attention distance (Raghu et al.)")
     ax_all, ax_early = fig.subplots(1, 2)
     names = list(distances)
@@ -96,7 +96,7 @@ def plot_rollout(
     """
     n = len(images)
     cols = 1 + len(maps)
-    fig = _figure(2.3 * cols, 2.3 * n + 0.4)
+    fig = figure(2.3 * cols, 2.3 * n + 0.4)
     fig.suptitle("Attention rollout (Abnar & Zuidema)")
     grid = np.atleast_2d(fig.subplots(n, cols, squeeze=False))
     for r in range(n):
@@ -127,7 +127,7 @@ def plot_divergence(
     Left: over training (``(step, distance)`` from the tracked metric), or a note when the run
     tracked none. Right: mean per class group on the eval images.
     """
-    fig = _figure(10, 4)
+    fig = figure(10, 4)
     fig.suptitle("CLS/DIST divergence: cosine distance of the final features")
     ax_t, ax_g = fig.subplots(1, 2)
     ax_t.set_title("Over training")
@@ -148,7 +148,7 @@ def plot_divergence(
 
 def plot_rank(ranks: Mapping[str, Sequence[int]], threshold: float, images: int) -> Figure:
     """PCA rank of token features per block for tail-class images, one line per series."""
-    fig = _figure(6.5, 4.2)
+    fig = figure(6.5, 4.2)
     fig.suptitle("Feature rank on tail-class images")
     ax = fig.subplots()
     for i, (name, values) in enumerate(ranks.items()):
@@ -166,7 +166,7 @@ def plot_rank(ranks: Mapping[str, Sequence[int]], threshold: float, images: int)
 
 def plot_entropy(entropies: Mapping[str, np.ndarray], num_classes: int) -> Figure:
     """Histogram of teacher output entropy per kind of view, with the uniform maximum marked."""
-    fig = _figure(6.5, 4.2)
+    fig = figure(6.5, 4.2)
     fig.suptitle("Teacher output entropy")
     ax = fig.subplots()
     top = float(np.log(num_classes))
@@ -189,7 +189,7 @@ def plot_per_class(
     group_names: Sequence[str],
 ) -> Figure:
     """Per-class accuracy against training count (log scale), with Head/Mid/Tail bands."""
-    fig = _figure(7.5, 4.5)
+    fig = figure(7.5, 4.5)
     fig.suptitle("Per-class accuracy vs training images")
     ax = fig.subplots()
     for band, name, colour in zip(bands, group_names, GROUP_COLOURS):
@@ -227,7 +227,7 @@ def plot_reliability(
     """A reliability diagram: accuracy per equal-width confidence bin against the diagonal of
     perfect calibration (left), and how many samples each bin holds (right). Bins are those of
     :func:`deitlt_scale.engine.posthoc.reliability`; empty bins (NaN) are not drawn."""
-    fig = _figure(9, 4.0)
+    fig = figure(9, 4.0)
     left, right = fig.subplots(1, 2)
     lo, hi = np.asarray(edges[:-1]), np.asarray(edges[1:])
     width = hi - lo
@@ -261,7 +261,7 @@ def plot_group_bars(rows: Mapping[str, Mapping[str, tuple[float, float]]], title
     """
     names = list(rows)
     columns = list(dict.fromkeys(c for r in rows.values() for c in r))
-    fig = _figure(max(6.0, 1.1 * len(names) + 2), 4.4)
+    fig = figure(max(6.0, 1.1 * len(names) + 2), 4.4)
     fig.suptitle(title)
     ax = fig.subplots()
     width = 0.8 / max(len(columns), 1)

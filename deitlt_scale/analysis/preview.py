@@ -49,12 +49,12 @@ def _first_batch(cfg: Config, meta, count: int):
 def student_batch(cfg: Config, meta, count: int) -> PreviewBatch:
     """The first ``count`` images of step 0 as the student trains on them."""
     from deitlt_scale import tasks
-    from deitlt_scale.engine.trainer import _mix_seed
+    from deitlt_scale.engine.trainer import mix_seed
 
     cfg.train.micro_batch = count
     batch = _first_batch(cfg, meta, count)
     task = tasks.create(cfg, meta, torch.device("cpu"))
-    seed = _mix_seed(cfg.train.seed, 0, 0, 0)
+    seed = mix_seed(cfg.train.seed, 0, 0, 0)
     mb = task.inputs(batch, seed, drw=False)
     labels = mb.labels.tolist()
     weight, partners = 1.0, [None] * len(labels)
@@ -112,12 +112,12 @@ def summary(batch: PreviewBatch) -> str:
 
 def draw(student: PreviewBatch, teacher: PreviewBatch | None, names: list[str], title: str):
     """The two grids in one figure."""
-    from deitlt_scale.analysis.plots import _figure
+    from deitlt_scale.analysis.plots import figure
 
     columns = 8
     s_rows = -(-len(student.labels) // columns)
     t_rows = 0 if teacher is None else -(-len(teacher.labels) // columns)
-    fig = _figure(1.45 * columns, 1.75 * (s_rows + t_rows) + 0.9)
+    fig = figure(1.45 * columns, 1.75 * (s_rows + t_rows) + 0.9)
     fig.suptitle(title, fontsize=9)
     grid = fig.add_gridspec(s_rows + t_rows, columns)
     for i, image in enumerate(student.images):

@@ -50,7 +50,7 @@ def overhead_config(args: argparse.Namespace, teacher_dir: Path | None, run_dir:
     """The recipe's Config with the benchmark's changes: the random teacher, no logging step, no
     checkpoints or tracking, and the command line's student, batch, size and ZeRO overrides."""
     from deitlt_scale import config as config_mod
-    from deitlt_scale.benchmarks.step import LOG_NEVER, model_overrides
+    from deitlt_scale.benchmarks.step_recipe import LOG_NEVER, model_overrides
 
     overrides = list(model_overrides(args.model_args))
     if args.model is not None:
@@ -263,7 +263,7 @@ def run_overhead(args: argparse.Namespace, world, tmp: Path) -> None:
     import torch
 
     from deitlt_scale.benchmarks.plain_step import PlainStep, compare_weights, engine_weights
-    from deitlt_scale.benchmarks.step import StepRecipe, _describe_student
+    from deitlt_scale.benchmarks.step_recipe import StepRecipe, describe_student
     from deitlt_scale.benchmarks.synthetic import (
         synthetic_batches,
         synthetic_meta,
@@ -305,7 +305,7 @@ def run_overhead(args: argparse.Namespace, world, tmp: Path) -> None:
         "per side, alternating framework, plain",
         flush=True,
     )
-    print(f"framework: {_describe_student(trainer)}", flush=True)
+    print(f"framework: {describe_student(trainer)}", flush=True)
     print(
         f"framework: Trainer.train_step, DeepSpeed ZeRO {cfg.deepspeed.zero_stage}, fp32, eager",
         flush=True,

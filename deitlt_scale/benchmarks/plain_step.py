@@ -25,7 +25,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from deitlt_scale.engine.trainer import _mix_seed
+from deitlt_scale.engine.trainer import mix_seed
 
 # How far apart the two sides' weights may end, as a fraction of how far training moved them
 # (L2 over all parameters): both run the same float operations except that DeepSpeed's optimizer
@@ -45,11 +45,11 @@ class PlainStep:
     name = "plain"
 
     def __init__(self, cfg, meta, device: torch.device, batches: Iterator[Any]) -> None:
-        from deitlt_scale import config as config_mod
         from deitlt_scale.data.mixing import Mixer
         from deitlt_scale.losses import DeiTLTObjective
         from deitlt_scale.models.student import create_student
         from deitlt_scale.optim import param_groups, peak_lr
+        from deitlt_scale.steps import resolve_steps
         from deitlt_scale.tasks import load_frozen_teacher
 
         self.cfg, self.device, self.batches = cfg, device, batches
@@ -63,7 +63,7 @@ class PlainStep:
         self.mixer = Mixer(cfg.data.mixup, num_classes)
         class_map = meta.class_map if cfg.teacher.map_targets else None
         self.objective = DeiTLTObjective(cfg.distill, meta.train_counts, class_map=class_map)
-        self.steps = config_mod.resolve_steps(cfg, meta.num_samples("train"), 1)
+        self.steps = resolve_steps(cfg, meta.num_samples("train"), 1)
         self.peak_lr = peak_lr(cfg.optim, cfg.train.micro_batch, 1)
         fused = {"fused": True} if cfg.optim.fused and device.type == "cuda" else {}
         self.optimizer = torch.optim.AdamW(
@@ -87,7 +87,7 @@ class PlainStep:
             count = s.micro_batches_in_step(step)
             for micro in range(count):
                 batch = next(self.batches)
-                seed = _mix_seed(self.cfg.train.seed, 0, step, micro)
+                seed = mix_seed(self.cfg.train.seed, 0, step, micro)
                 torch.manual_seed(seed)  # drop path, as the trainer seeds it
                 images, targets = self._targets(batch.images, batch.labels, seed, drw)
                 teacher_logits = self.teacher(images) if self.teacher is not None else None
@@ -143,15 +143,15 @@ class PlainStep:
 def engine_weights(engine) -> dict[str, Tensor]:
     """The DeepSpeed engine's module parameters by name (gathered under ZeRO 3), detached fp32
     copies on the CPU, named as the bare student names them."""
-    from deitlt_scale.optim import _bare_name
+    from deitlt_scale.optim import bare_name
 
     params = dict(engine.module.named_parameters())
     if engine.zero_optimization_stage() == 3:
         import deepspeed
 
         with deepspeed.zero.GatheredParameters(list(params.values()), modifier_rank=None):
-            return {_bare_name(n): p.detach().float().cpu().clone() for n, p in params.items()}
-    return {_bare_name(n): p.detach().float().cpu().clone() for n, p in params.items()}
+            return {bare_name(n): p.detach().float().cpu().clone() for n, p in params.items()}
+    return {bare_name(n): p.detach().float().cpu().clone() for n, p in params.items()}
 
 
 @dataclass(frozen=True)

@@ -76,8 +76,8 @@ def copy_to_tar(files: list[Path], root: Path, target: Path) -> float:
 
 
 def run(args: argparse.Namespace) -> int:
+    from deitlt_scale.data.list_sources import IMAGE_EXTENSIONS
     from deitlt_scale.data.prepare import prepare_dataset
-    from deitlt_scale.data.sources import IMAGE_EXTENSIONS
 
     work = Path(tempfile.mkdtemp(prefix="deitlt-bench-prepare-", dir=args.workdir))
     try:

@@ -43,9 +43,8 @@ import gc
 import sys
 import tempfile
 from collections.abc import Iterator
-from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, NamedTuple
+from typing import Any
 
 from deitlt_scale.benchmarks.measure import (
     MatmulCeiling,
@@ -53,10 +52,19 @@ from deitlt_scale.benchmarks.measure import (
     Timing,
     memory_kind,
     progress,
-    sync,
     timed,
 )
 from deitlt_scale.benchmarks.reference_step import ReferenceRecipe, reference_amp_dtype
+from deitlt_scale.benchmarks.step_recipe import (
+    MODEL_KEYS,
+    Measured,
+    ablation_overrides,
+    bench_config,
+    build_step,
+    model_overrides,
+    training_flops,
+    warm_up,
+)
 from deitlt_scale.benchmarks.synthetic import (
     synthetic_batches,
     synthetic_meta,
@@ -69,8 +77,6 @@ HELP = (
 )
 
 TEACHERS = ("resnet50", "resnet32", "none")
-MODEL_KEYS = ("patch_size", "embed_dim", "depth", "num_heads", "drop_path", "distilled")
-LOG_NEVER = 1 << 30  # train.log_every: no logging step (and so no host sync) while timing
 
 
 def register(parser: argparse.ArgumentParser) -> None:
@@ -209,104 +215,6 @@ def register(parser: argparse.ArgumentParser) -> None:
 
 
 # --------------------------------------------------------------------------------------------
-# Set-up
-
-
-def model_overrides(pairs: list[str]) -> list[str]:
-    """``["patch_size=4", ...]`` -> ``["model.patch_size=4", ...]``; unknown keys are a UserError."""
-    from deitlt_scale.errors import UserError
-
-    out = []
-    for pair in pairs:
-        key, sep, value = pair.partition("=")
-        if not sep or key not in MODEL_KEYS:
-            raise UserError(
-                f"--model-args {pair!r} must be KEY=VALUE with KEY one of {', '.join(MODEL_KEYS)}"
-            )
-        out.append(f"model.{key}={value}")
-    return out
-
-
-def bench_config(
-    args: argparse.Namespace,
-    *,
-    device: str,
-    bf16: bool,
-    compile_student: bool,
-    teacher_dir: Path | None,
-    run_dir: Path,
-    extra: tuple[str, ...] = (),
-):
-    """The Config the step recipe trains with: the paper's objective and mixup, no logging step,
-    no checkpoints, no tracking; ``extra`` overrides (an ``--ablate`` variant) come last."""
-    from deitlt_scale import config as config_mod
-
-    overrides = [
-        f"model.arch={args.model}",
-        *model_overrides(args.model_args),
-        f"model.compile={str(compile_student).lower()}",
-        f"data.image_size={args.image_size}",
-        f"data.device={'gpu' if device == 'cuda' else 'cpu'}",
-        f"data.num_threads={args.threads}",
-        f"teacher.path={teacher_dir or ''}",
-        f"teacher.dtype={'bf16' if bf16 else 'fp32'}",
-        f"distill.type={'hard' if teacher_dir else 'none'}",
-        "train.epochs=1",
-        f"train.micro_batch={args.batch}",
-        "train.grad_accum=1",
-        f"train.log_every={LOG_NEVER}",
-        f"train.max_steps={args.warmup + args.steps * args.rounds}",
-        "schedule.warmup_epochs=0",
-        f"deepspeed.zero_stage={args.zero}",
-        f"deepspeed.bf16={str(bf16).lower()}",
-        "checkpoint.resume=false",
-        "tracking.enabled=false",
-        f"runtime.run_dir={run_dir}",
-        f"runtime.device={device}",
-    ]
-    if args.shards is not None:
-        overrides.append(f"data.shards={args.shards}")
-    return config_mod.load(None, [*overrides, *extra])
-
-
-def ablation_overrides(variant: str) -> tuple[str, ...]:
-    """``"a.b=1,c.d=x"`` -> ``("a.b=1", "c.d=x")``; a part without ``=`` is a UserError."""
-    from deitlt_scale.errors import UserError
-
-    parts = tuple(part.strip() for part in variant.split(",") if part.strip())
-    if not parts or any("=" not in part for part in parts):
-        raise UserError(
-            f"--ablate {variant!r} must be KEY=VALUE overrides joined by commas, "
-            "e.g. teacher.side_stream=false,optim.fused=false"
-        )
-    return parts
-
-
-# --------------------------------------------------------------------------------------------
-# The step recipe. Like the reference recipe (reference_step.py) it runs optimizer steps on
-# demand, so the timed rounds of the two can alternate.
-
-
-class StepRecipe:
-    """The project's training step: :class:`~deitlt_scale.engine.trainer.Trainer` steps as its
-    loop runs them (lr set, micro-steps, the one-step-late flag exchange), minus logging."""
-
-    def __init__(self, trainer, batches: Iterator[Any], name: str = "step") -> None:
-        self.trainer, self.batches, self.name = trainer, batches, name
-        self.images_per_step = trainer.cfg.train.micro_batch * trainer.cfg.train.grad_accum
-
-    def run(self, steps: int) -> None:
-        for _ in range(steps):
-            self.trainer.train_step(self.batches)
-
-    def mean_loss(self) -> float:
-        """Mean loss of the steps run (reads the device: call after timing)."""
-        self.trainer.finish_steps()  # a non-finite loss raises here
-        window = self.trainer.window
-        return float(window.sums["loss"]) / max(window.count, 1)
-
-
-# --------------------------------------------------------------------------------------------
 # Command
 
 
@@ -366,18 +274,6 @@ def _check_overhead_args(args: argparse.Namespace) -> None:
         raise UserError(f"--recipe {args.recipe} does not exist")
 
 
-def _describe_student(trainer) -> str:
-    spec = trainer.model_spec["model_args"]
-    module = trainer.engine.module
-    module = getattr(module, "_orig_mod", module)
-    fused = all(getattr(b.attn, "fused_attn", False) for b in module.blocks)
-    return (
-        f"student: {trainer.model_spec['architecture']} (patch {spec['patch_size']}, width "
-        f"{spec['embed_dim']}, depth {spec['depth']}, heads {spec['num_heads']}), attention "
-        f"{'fused scaled_dot_product_attention' if fused else 'explicit softmax (not fused)'}"
-    )
-
-
 def _figures(name: str, t: Timing, flops_per_image: int, ceiling: float, device, how: str) -> str:
     from deitlt_scale.benchmarks.flops import format_flops
 
@@ -389,15 +285,6 @@ def _figures(name: str, t: Timing, flops_per_image: int, ceiling: float, device,
         f"{t.peak_mib:.0f} MiB ({memory_kind(device)}), loss {t.loss:.4g} [{how}]; "
         f"rounds {rounds} images/s"
     )
-
-
-def _warm_up(recipe, steps: int, device, memory: Memory) -> float:
-    """Run the untimed steps (compilation, autotuning, allocator growth); the peak memory (MiB)
-    they reached, which is the recipe's steady-state peak."""
-    for _ in progress(steps, f"{recipe.name} warm-up"):
-        recipe.run(1)
-    sync(device)
-    return memory.peak_mib()
 
 
 def run(args: argparse.Namespace) -> int:
@@ -506,7 +393,7 @@ def _bench(args: argparse.Namespace, world, tmp: Path) -> None:
     # The step recipe and its variants: the real Trainer, built as `deitlt train` builds it.
     measured: list[Measured] = []
     for name, variant_cfg in variants.items():
-        recipe, peak = _build_step(name, variant_cfg, world, meta, args, step_batches, device)
+        recipe, peak = build_step(name, variant_cfg, world, meta, args, step_batches, device)
         how = _step_how(variant_cfg, teacher_dir, on_cuda)
         entry = Measured(recipe, peak, how, training_flops(variant_cfg, teacher_arch, num_classes))
         if alternate:
@@ -534,7 +421,7 @@ def _bench(args: argparse.Namespace, world, tmp: Path) -> None:
         ref_teacher = "teacher fp32 weights" + (" under the same autocast" if amp_dtype else "")
     ref = Measured(
         reference,
-        _warm_up(reference, args.warmup, device, memory),
+        warm_up(reference, args.warmup, device, memory),
         f"eager student, {amp_how}, {ref_teacher}, torch AdamW, loss.item() every step",
         flops,
     )
@@ -566,57 +453,6 @@ def _bench(args: argparse.Namespace, world, tmp: Path) -> None:
     sys.stdout.flush()
 
 
-@dataclass
-class Measured:
-    """A recipe being measured: its untimed-warm-up peak memory, description, model FLOPs per
-    image and timed rates."""
-
-    recipe: Any
-    peak_mib: float
-    how: str
-    flops: Any  # TrainingFlops
-    rates: list[float] = field(default_factory=list)
-    timing: Timing | None = None
-
-    def finish(self) -> Measured:
-        """Read the mean loss (a device read: after timing) and drop a step recipe's trainer."""
-        self.timing = Timing(
-            self.rates, self.recipe.images_per_step, self.peak_mib, self.recipe.mean_loss()
-        )
-        self.recipe = _Finished(self.recipe.name)
-        return self
-
-
-class _Finished(NamedTuple):
-    name: str
-
-
-def training_flops(cfg, teacher: str, num_classes: int):
-    from deitlt_scale.benchmarks.flops import (
-        TrainingFlops,
-        student_forward_flops,
-        teacher_forward_flops,
-    )
-
-    size = cfg.data.image_size
-    return TrainingFlops(
-        student_forward_flops(cfg.model, num_classes, size),
-        teacher_forward_flops(teacher, num_classes, size) if teacher != "none" else 0,
-    )
-
-
-def _build_step(name, cfg, world, meta, args, step_batches, device) -> tuple[StepRecipe, float]:
-    """A step recipe built like `deitlt train` builds its trainer, after its warm-up steps."""
-    from deitlt_scale.engine.trainer import Trainer
-
-    memory = Memory(device)
-    trainer = Trainer(cfg, world, meta=meta).build(with_data=args.shards is not None)
-    print(f"{name}: {_describe_student(trainer)}", flush=True)
-    batches = _epochs(trainer.train_loader) if args.shards else step_batches()
-    recipe = StepRecipe(trainer, batches, name)
-    return recipe, _warm_up(recipe, args.warmup, device, memory)
-
-
 def _step_how(cfg, teacher_dir: Path | None, on_cuda: bool) -> str:
     """What the step recipe runs; the side stream and fused AdamW act on CUDA only."""
     precision = "bf16" if cfg.deepspeed.bf16 else "fp32"
@@ -632,11 +468,3 @@ def _step_how(cfg, teacher_dir: Path | None, on_cuda: bool) -> str:
         f"DeepSpeed ZeRO {cfg.deepspeed.zero_stage}, {precision}, {student} student, "
         f"{teacher}{fused}"
     )
-
-
-def _epochs(loader) -> Iterator[Any]:
-    """The DALI train loader's batches, epoch after epoch."""
-    epoch = 0
-    while True:
-        yield from loader.epoch(epoch)
-        epoch += 1

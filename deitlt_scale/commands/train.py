@@ -71,13 +71,14 @@ def plan_layout(recipe, overrides, world_size: int, command: str) -> int:
     from deitlt_scale.data import meta as meta_mod
     from deitlt_scale.engine.distributed import deepspeed_config
     from deitlt_scale.optim import peak_lr
+    from deitlt_scale.steps import resolve_steps
 
     cfg = config_mod.load(recipe, overrides)
     kind = tasks.require_command(cfg, recipe, command)
     config_mod.validate_world(cfg, world_size)
     meta = meta_mod.load(cfg.data.shards)
     n = meta.num_samples("train")
-    s = config_mod.resolve_steps(cfg, n, world_size)
+    s = resolve_steps(cfg, n, world_size)
     t = cfg.train
     last = s.micro_batches_in_step(s.steps_per_epoch - 1)
     drw = "never" if s.drw_start is None else f"step {s.drw_start}"

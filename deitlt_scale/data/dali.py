@@ -19,20 +19,23 @@ Train graph (METHOD.md 4.2, timm ``transforms_imagenet_train``, in this order):
 3. RandomResizedCrop (area ``scale``, aspect ``ratio``, ten attempts) to ``image_size`` x
    ``image_size`` with cubic interpolation; or, for the CIFAR teachers' weak recipe
    (``augment.crop=pad_crop``), the image at ``image_size`` shifted by up to ``pad`` pixels with
-   zeros around it (:func:`pad_crop`, torchvision's ``RandomCrop(size, padding=pad)``);
+   zeros around it (:func:`~deitlt_scale.data.dali_augment.pad_crop`, torchvision's
+   ``RandomCrop(size, padding=pad)``);
 4. horizontal flip with p=``hflip`` (``fn.flip``), before RandAugment as in timm (ShearY is
    anchored at the left column, so flipping after it would not give the same distribution);
    then, when ``augment.color_jitter`` > 0 (the L-D-SAM ImageNet-LT/iNat teachers), brightness,
    contrast and saturation factors drawn from ``[1 - c, 1 + c]`` (``fn.color_twist``; one fixed
    order where torchvision permutes the three);
 5. RandAugment ``rand-m9-mstd0.5-inc1`` re-built from DALI's ``auto_aug`` parts
-   (:func:`timm_rand_augment`; see docs/data_pipeline.md for the mapping and what differs);
+   (:func:`~deitlt_scale.data.dali_augment.timm_rand_augment`; see docs/data_pipeline.md for the
+   mapping and what differs);
 6. normalise (``fn.crop_mirror_normalize``, NCHW float32);
-7. random erasing, pixel mode, one box (:func:`random_erase`), on the normalised image.
+7. random erasing, pixel mode, one box (:func:`~deitlt_scale.data.dali_augment.random_erase`),
+   on the normalised image.
 
 With ``TrainGraph.views`` (PaCo teachers) steps 2-7 are replaced by one decode and two
-augmentations of each image, :func:`query_view` and :func:`key_view`, stacked as
-``(E, 2, 3, S, S)``.
+augmentations of each image, :func:`~deitlt_scale.data.dali_views.query_view` and
+:func:`~deitlt_scale.data.dali_views.key_view`, stacked as ``(E, 2, 3, S, S)``.
 
 The train labels are read once by the loader (``sample_store``). The eval graph reads the shards
 with ``fn.readers.webdataset``; its labels are the ASCII decimal ``.cls`` bytes padded with zeros
@@ -41,35 +44,28 @@ to :data:`LABEL_BYTES`, parsed to int64 on the torch side (``loader.parse_labels
 
 from __future__ import annotations
 
-import math
 from collections.abc import Sequence
 from dataclasses import dataclass
 
-import numpy as np
 from nvidia.dali import fn, pipeline_def, types
-from nvidia.dali import math as dmath
-from nvidia.dali.auto_aug import augmentations as aa
-from nvidia.dali.auto_aug import auto_augment
-from nvidia.dali.auto_aug.core import Policy, _Augmentation, augmentation, select, signed_bin
-from nvidia.dali.pipeline import do_not_convert
+
+from deitlt_scale.data.dali_augment import (
+    normalise_args,
+    pad_crop,
+    random_erase,
+    timm_rand_augment,
+)
+from deitlt_scale.data.dali_views import key_view, query_view
 
 LABEL_BYTES = 20  # an int64 has at most 19 decimal digits; zero bytes pad the rest
 READER_NAME = "reader"
-
-# RandAugment magnitudes live on timm's scale [0, 10] ("m9" = 9/10 of each op's range). DALI picks
-# one of ``RA_BINS`` evenly spaced levels, so timm's Gaussian magnitude noise is quantised to 0.1.
-RA_LEVEL_MAX = 10.0
-RA_BINS = 101
-RA_OP_PROB = 0.5  # timm applies each drawn op with this probability
-RE_ATTEMPTS = 10  # timm RandomErasing tries this many boxes before giving up
-RE_AREA = (0.02, 1.0 / 3.0)
-RE_LOG_ASPECT = (math.log(0.3), math.log(1.0 / 0.3))
 
 
 @dataclass(frozen=True)
 class ContrastViews:
     """PaCo's two views of each image (query, key), decoded once and augmented twice; see
-    :func:`query_view` and :func:`key_view`. ``kind`` is the published ``--aug`` setting."""
+    :func:`~deitlt_scale.data.dali_views.query_view` and
+    :func:`~deitlt_scale.data.dali_views.key_view`. ``kind`` is the published ``--aug`` setting."""
 
     kind: str  # "cifar" | "randcls_sim"
     randaug_n: int = 2  # randcls_sim: RandAugment ops of the query view
@@ -106,223 +102,6 @@ class EvalGraph:
 
 
 # --------------------------------------------------------------------------------------------
-# RandAugment "rand-m9-mstd0.5-inc1"
-
-
-class _Precomputed(_Augmentation):
-    """An augmentation whose per-bin parameter table is computed outside DALI's AutoGraph.
-
-    The table (``2 x RA_BINS`` entries for a randomly negated op) is plain numpy work with no data
-    dependent branches; traced by AutoGraph it costs seconds per graph definition.
-    """
-
-    @do_not_convert
-    def _get_param(self, magnitude_bin, num_magnitude_bins, param_device):
-        return super()._get_param(magnitude_bin, num_magnitude_bins, param_device)
-
-
-# The level -> parameter maps below are timm's ``*_level_to_arg`` functions (level in [0, 10],
-# already signed where timm negates at random). DALI evaluates them once per magnitude bin while
-# defining the graph; ``do_not_convert`` keeps its AutoGraph from tracing them (seconds per build).
-
-
-@do_not_convert
-def _rotate_degrees(level: float) -> np.ndarray:
-    return np.float32(3.0 * level)
-
-
-@do_not_convert
-def _shear_x(level: float) -> list[float]:
-    return [0.03 * level, 0.0]
-
-
-@do_not_convert
-def _shear_y(level: float) -> list[float]:
-    return [0.0, 0.03 * level]
-
-
-@do_not_convert
-def _translate_x(level: float) -> list[float]:
-    return [0.045 * level, 0.0]  # fraction of the width, timm translate_pct 0.45
-
-
-@do_not_convert
-def _translate_y(level: float) -> list[float]:
-    return [0.0, 0.045 * level]
-
-
-@do_not_convert
-def _enhance_factor(level: float) -> np.ndarray:
-    return np.float32(max(0.1, 1.0 + 0.09 * level))
-
-
-@do_not_convert
-def _sharpen_kernel(level: float) -> np.ndarray:
-    # PIL ImageEnhance.Sharpness blends with the SMOOTH filter; factor = 1 + 0.09 * level.
-    return aa.sharpness_kernel(0.09 * level)
-
-
-@do_not_convert
-def _posterize_mask(level: float) -> np.ndarray:
-    # timm PosterizeIncreasing keeps 4 - int(0.4 * level) most significant bits (0 bits: black,
-    # as Pillow < 13 returns for posterize(img, 0)).
-    bits = 4 - int(level * 0.4)
-    return np.array(256 - 2 ** (8 - bits), dtype=np.uint8)
-
-
-@do_not_convert
-def _solarize_threshold(level: float) -> np.ndarray:
-    return np.array(256 - min(256, int(level * 25.6)), dtype=np.int32)
-
-
-@do_not_convert
-def _solarize_add_shift(level: float) -> np.ndarray:
-    return np.array(min(128, int(level * 11.0)), dtype=np.uint8)
-
-
-# DALI's suite still calls the deprecated ``fn.experimental`` names; these are the same ops.
-@augmentation(name="equalize")
-def _equalize(data, _):
-    return fn.equalize(data)
-
-
-@augmentation(param_device="auto", name="sharpness")
-def _sharpness(data, kernel):
-    return fn.filter(data, kernel)
-
-
-def _scaled(aug, mag_to_param=None, negate: bool = False):
-    """``aug`` with magnitudes on timm's level scale [0, 10] and a precomputed parameter table."""
-    return aug.augmentation(
-        mag_range=(0.0, RA_LEVEL_MAX),
-        randomly_negate=negate,
-        mag_to_param=mag_to_param,
-        augmentation_cls=_Precomputed,
-    )
-
-
-def timm_increasing_suite() -> list:
-    """timm's 15 ``_RAND_INCREASING_TRANSFORMS`` as DALI augmentations, in timm's order.
-
-    Each ``mag_to_param`` is the corresponding timm ``*_level_to_arg`` (the sign of randomly
-    negated ops is drawn by DALI). The last entry, identity, is the "op not applied" outcome.
-    """
-    return [
-        aa.auto_contrast,
-        _equalize,
-        aa.invert,
-        _scaled(aa.rotate, _rotate_degrees, negate=True),
-        _scaled(aa.posterize, _posterize_mask),
-        _scaled(aa.solarize, _solarize_threshold),
-        _scaled(aa.solarize_add, _solarize_add_shift),
-        _scaled(aa.color, _enhance_factor, negate=True),
-        _scaled(aa.contrast, _enhance_factor, negate=True),
-        _scaled(aa.brightness, _enhance_factor, negate=True),
-        _scaled(_sharpness, _sharpen_kernel, negate=True),
-        _scaled(aa.shear_x, _shear_x, negate=True),
-        _scaled(aa.shear_y, _shear_y, negate=True),
-        _scaled(aa.translate_x, _translate_x, negate=True),
-        _scaled(aa.translate_y, _translate_y, negate=True),
-        aa.identity,
-    ]
-
-
-def timm_rand_augment(
-    images,
-    num_ops: int,
-    magnitude: float,
-    magnitude_std: float,
-    image_size: int,
-    fill_value: int,
-):
-    """RandAugment as timm runs it: ``num_ops`` ops drawn with replacement, each applied with p=0.5
-    at a magnitude drawn per op from N(magnitude, magnitude_std) clipped to [0, 10].
-
-    ``images``: uint8 HWC, all ``image_size`` square. Returns the same layout and type.
-    """
-    suite = timm_increasing_suite()
-    identity = len(suite) - 1
-    shape = (num_ops,)
-    # Index ``identity`` stands for "drawn op skipped" (probability 1 - RA_OP_PROB).
-    probs = [RA_OP_PROB / identity] * identity + [1.0 - RA_OP_PROB]
-    op_idx = fn.random.choice(len(suite), p=probs, shape=shape)
-    level = fn.random.normal(mean=float(magnitude), stddev=float(magnitude_std), shape=shape)
-    level = dmath.clamp(level, 0.0, RA_LEVEL_MAX)
-    bins_per_level = (RA_BINS - 1) / RA_LEVEL_MAX
-    mag_bin = fn.cast(dmath.floor(level * bins_per_level + 0.5), dtype=types.INT32)
-    # Signs drawn once for all levels, before the conditional split (as DALI's own RandAugment).
-    signed = signed_bin(mag_bin, shape=shape)
-    for k in range(num_ops):
-        images = select(
-            suite,
-            op_idx[k],
-            images,
-            magnitude_bin=signed[k],
-            num_magnitude_bins=RA_BINS,
-            shape=(image_size, image_size),
-            fill_value=fill_value,
-        )
-    return images
-
-
-# --------------------------------------------------------------------------------------------
-# Random erasing
-
-
-def _first_valid_box(image_size: int):
-    """Per sample (h, w) of the first of RE_ATTEMPTS timm boxes that fits ((0, 0) if none does)."""
-    area = float(image_size * image_size)
-    shape = (RE_ATTEMPTS,)
-    target = fn.random.uniform(range=RE_AREA, shape=shape) * area
-    aspect = dmath.exp(fn.random.uniform(range=RE_LOG_ASPECT, shape=shape))
-    h = dmath.floor(dmath.sqrt(target * aspect) + 0.5)
-    w = dmath.floor(dmath.sqrt(target / aspect) + 0.5)
-    fits = (h < image_size) & (w < image_size)
-    # Score attempt i as (RE_ATTEMPTS - i) where it fits: the maximum marks the first fitting one.
-    rank = types.Constant(np.arange(RE_ATTEMPTS, 0, -1, dtype=np.float32))
-    score = fits * rank
-    best = fn.reductions.max(score)
-    chosen = (score == best) & fits
-    h_sel = fn.reductions.sum(h * chosen)
-    w_sel = fn.reductions.sum(w * chosen)
-    return h_sel, w_sel
-
-
-def random_erase(images, image_size: int):
-    """Erase one box with per-pixel N(0, 1) values (timm ``RandomErasing`` mode ``pixel``).
-
-    ``images``: float CHW normalised. The box area is U(0.02, 1/3) of the image, its aspect ratio
-    log-uniform in [0.3, 1/0.3], sides rounded, its corner uniform over the positions where it
-    fits. timm erases nothing when none of its ten attempts fits; each attempt fits with
-    probability ~0.99, so that case (< 1e-16) is not special-cased: the box is then one pixel.
-    Noise is drawn only for the box and placed by a padded slice, which is several times cheaper
-    than drawing a full image of noise.
-    """
-    h, w = _first_valid_box(image_size)
-    h, w = dmath.max(h, 1.0), dmath.max(w, 1.0)
-    top = dmath.floor(fn.random.uniform(range=(0.0, 1.0)) * (image_size - h + 1))
-    left = dmath.floor(fn.random.uniform(range=(0.0, 1.0)) * (image_size - w + 1))
-    channels = h * 0.0 + 3.0  # a per-sample 3: stack takes data nodes only
-    patch = fn.random.normal(
-        shape=fn.cast(fn.stack(channels, h, w), dtype=types.INT32), device=images.device
-    )
-    # Slicing the (3, h, w) patch from (-top, -left) with zero padding gives an image-sized canvas
-    # holding the noise at the box and zeros elsewhere.
-    canvas = fn.slice(
-        patch,
-        start=fn.cast(fn.stack(-top, -left), dtype=types.INT32),
-        shape=(image_size, image_size),
-        axes=(1, 2),
-        out_of_bounds_policy="pad",
-        fill_values=0.0,
-    )
-    outside = fn.erase(
-        images, anchor=fn.stack(top, left), shape=fn.stack(h, w), axes=(1, 2), fill_value=0.0
-    )
-    return outside + canvas
-
-
-# --------------------------------------------------------------------------------------------
 # Pipelines
 
 
@@ -348,34 +127,7 @@ def _read(
     return jpegs, labels
 
 
-def _normalise_args(mean, std) -> dict:
-    return {
-        "mean": [255.0 * m for m in mean],
-        "std": [255.0 * s for s in std],
-        "dtype": types.FLOAT,
-        "output_layout": "CHW",
-    }
-
-
 ENCODED_NAME = "encoded"  # the external source of the train graph
-
-
-def pad_crop(images, size: int, pad: int):
-    """torchvision's ``RandomCrop(size, padding=pad)`` (the CIFAR teachers' weak crop) on
-    size x size images: a size x size window whose top-left corner is drawn uniformly from
-    ``[-pad, pad]`` in each axis, zeros outside the image."""
-    offsets = list(range(-pad, pad + 1))
-    start = fn.stack(fn.random.uniform(values=offsets), fn.random.uniform(values=offsets))
-    return fn.slice(
-        images,
-        start,
-        np.array([size, size], dtype=np.float32),
-        axis_names="HW",
-        normalized_anchor=False,
-        normalized_shape=False,
-        out_of_bounds_policy="pad",
-        fill_values=0,
-    )
 
 
 def _decoder_device(device: str) -> str:
@@ -432,160 +184,12 @@ def _augment(images, graph: TrainGraph, decoded: bool, device: str):
             size,
             fill,
         )
-    images = fn.crop_mirror_normalize(images, **_normalise_args(graph.mean, graph.std))
+    images = fn.crop_mirror_normalize(images, **normalise_args(graph.mean, graph.std))
     if graph.random_erasing > 0:
         erase = fn.random.coin_flip(probability=graph.random_erasing, dtype=types.BOOL)
         if erase:
             images = random_erase(images, size)
     return images
-
-
-# --------------------------------------------------------------------------------------------
-# PaCo's two views (PaCo/LT ``paco_cifar.py`` / ``paco_lt.py``, ``--aug cifar100`` / ``randcls_sim``)
-
-AUTOAUG_TRANSLATE = 150.0 / 331.0  # AutoAugment's largest shift, as a fraction of the side
-AUTOAUG_FILL = 128  # the policy's fill colour (128, 128, 128)
-CUTOUT_LENGTH = 16
-VIEW_JITTER = 0.4  # brightness, contrast and saturation strength of the views' colour jitter
-BLUR_SIGMA = (0.1, 2.0)
-
-
-def cifar10_policy() -> Policy:
-    """AutoAugment's CIFAR-10 policy (DALI's ``reduced_cifar10``: the paper's 25 sub-policies),
-    translating by up to 150/331 of the side; its equalize and sharpness run as the non-deprecated
-    ops of :func:`timm_increasing_suite`."""
-    published = auto_augment.get_reduced_cifar10_policy(
-        use_shape=True, max_translate_rel=AUTOAUG_TRANSLATE
-    )
-    sharpness = _sharpness.augmentation(
-        mag_range=(0.1, 1.9), randomly_negate=False, mag_to_param=aa.sharpness_kernel_shifted
-    )
-    replace = {"equalize": _equalize, "sharpness": sharpness}
-    return Policy(
-        name="Cifar10Policy",
-        num_magnitude_bins=published.num_magnitude_bins,
-        sub_policies=[
-            [(replace.get(aug.name, aug), p, mag) for aug, p, mag in sub]
-            for sub in published.sub_policies
-        ],
-    )
-
-
-def _random_apply(p: float):
-    """1 with probability ``p``, else 0 (per sample, float): gates a factor without a split."""
-    return fn.cast(fn.random.coin_flip(probability=p), dtype=types.FLOAT)
-
-
-def _jitter(strength: float, applied):
-    """A factor from U[max(0, 1 - s), 1 + s] where ``applied`` is 1, exactly 1 elsewhere."""
-    drawn = fn.random.uniform(range=[max(0.0, 1.0 - strength), 1.0 + strength])
-    return applied * (drawn - 1.0) + 1.0
-
-
-def colour_views(images, jitter_p: float, hue: float, grayscale_p: float):
-    """torchvision's ``RandomApply([ColorJitter(.4, .4, .4, hue)], p=jitter_p)`` followed by
-    ``RandomGrayscale(p=grayscale_p)``, as one ``fn.color_twist`` per sample: every factor is 1
-    where the jitter is not applied, and the saturation is 0 where the image turns grey (the same
-    Rec. 601 luma as torchvision's grayscale). torchvision applies the four jitters in a random
-    order; here their order is fixed."""
-    applied = _random_apply(jitter_p)
-    grey = _random_apply(grayscale_p)
-    factors = {
-        "brightness": _jitter(VIEW_JITTER, applied),
-        "contrast": _jitter(VIEW_JITTER, applied),
-        "saturation": _jitter(VIEW_JITTER, applied) * (1.0 - grey),
-    }
-    if hue > 0:
-        factors["hue"] = fn.random.uniform(range=[-360.0 * hue, 360.0 * hue]) * applied
-    return fn.color_twist(images, **factors)
-
-
-def gaussian_blur(images, p: float = 0.5):
-    """MoCo v2's ``GaussianBlur(sigma ~ U[0.1, 2])`` applied with probability ``p``."""
-    if fn.random.coin_flip(probability=p, dtype=types.BOOL):
-        images = fn.gaussian_blur(images, sigma=fn.random.uniform(range=list(BLUR_SIGMA)))
-    return images
-
-
-def cutout(images, size: int, length: int = CUTOUT_LENGTH):
-    """PaCo's ``Cutout(n_holes=1, length)`` on uint8 HWC ``size`` x ``size`` images: a
-    ``length`` square centred on a uniformly drawn pixel, clipped to the image, set to 0."""
-    centre = [float(v) for v in range(size)]
-    cy, cx = fn.random.uniform(values=centre), fn.random.uniform(values=centre)
-    half = float(length // 2)
-    y0, y1 = dmath.clamp(cy - half, 0.0, size), dmath.clamp(cy + half, 0.0, size)
-    x0, x1 = dmath.clamp(cx - half, 0.0, size), dmath.clamp(cx + half, 0.0, size)
-    return fn.erase(
-        images,
-        anchor=fn.stack(y0, x0),
-        shape=fn.stack(y1 - y0, x1 - x0),
-        axis_names="HW",
-        fill_value=0,
-    )
-
-
-def _resized_crop(images, size: int, scale: tuple[float, float]):
-    return fn.random_resized_crop(
-        images,
-        size=(size, size),
-        random_area=list(scale),
-        random_aspect_ratio=[3.0 / 4.0, 4.0 / 3.0],
-        num_attempts=10,
-        interp_type=types.INTERP_CUBIC,
-        antialias=True,
-    )
-
-
-def _flip(images):
-    return fn.flip(images, horizontal=fn.random.coin_flip(probability=0.5), vertical=0)
-
-
-def query_view(images, graph: TrainGraph):
-    """The query view, on decoded uint8 HWC images; normalised CHW float32 out.
-
-    * ``cifar``: RandomCrop(S, padding ``graph.pad``), flip, AutoAugment's CIFAR-10 policy (DALI's
-      ``reduced_cifar10``: the same 25 sub-policies; translation up to 150/331 of the side, fill
-      128), Cutout(16);
-    * ``randcls_sim``: RandomResizedCrop(S, scale 0.08-1), flip, ColorJitter(.4, .4, .4, 0)
-      always, RandAugment ``n{randaug_n} m{randaug_m} mstd0.5`` (:func:`timm_rand_augment`).
-    """
-    views, size = graph.views, graph.image_size
-    if views.kind == "cifar":
-        images = fn.resize(
-            images, size=(size, size), interp_type=types.INTERP_CUBIC, antialias=True
-        )
-        images = _flip(pad_crop(images, size, graph.pad))
-        images = auto_augment.apply_auto_augment(
-            cifar10_policy(), images, shape=(size, size), fill_value=AUTOAUG_FILL
-        )
-        images = cutout(images, size)
-    else:
-        images = _flip(_resized_crop(images, size, (0.08, 1.0)))
-        images = colour_views(images, jitter_p=1.0, hue=0.0, grayscale_p=0.0)
-        fill = round(255.0 * sum(graph.mean) / 3.0)
-        images = timm_rand_augment(
-            images, views.randaug_n, views.randaug_m, graph.randaugment_mstd, size, fill
-        )
-    return fn.crop_mirror_normalize(images, **_normalise_args(graph.mean, graph.std))
-
-
-def key_view(images, graph: TrainGraph):
-    """The key view (MoCo v2's "sim" augmentation), on decoded uint8 HWC images:
-
-    * ``cifar``: RandomResizedCrop(S, scale 0.2-1), flip, ColorJitter(.4, .4, .4, .1) with
-      p=0.8, grayscale p=0.2, Gaussian blur p=0.5;
-    * ``randcls_sim``: RandomResizedCrop(S, scale 0.08-1), ColorJitter(.4, .4, .4, 0) always,
-      grayscale p=0.2, Gaussian blur p=0.5, flip.
-    """
-    size = graph.image_size
-    if graph.views.kind == "cifar":
-        images = _flip(_resized_crop(images, size, (0.2, 1.0)))
-        images = gaussian_blur(colour_views(images, jitter_p=0.8, hue=0.1, grayscale_p=0.2))
-    else:
-        images = _resized_crop(images, size, (0.08, 1.0))
-        images = colour_views(images, jitter_p=1.0, hue=0.0, grayscale_p=0.2)
-        images = _flip(gaussian_blur(images))
-    return fn.crop_mirror_normalize(images, **_normalise_args(graph.mean, graph.std))
 
 
 @pipeline_def(enable_conditionals=True)
@@ -627,7 +231,7 @@ def eval_pipeline(
         crop=(graph.image_size, graph.image_size),
         crop_pos_x=0.5,
         crop_pos_y=0.5,
-        **_normalise_args(graph.mean, graph.std),
+        **normalise_args(graph.mean, graph.std),
     )
     if device == "gpu":
         labels = labels.gpu()

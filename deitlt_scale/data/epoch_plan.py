@@ -30,8 +30,8 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from deitlt_scale.config import samples_per_rank
 from deitlt_scale.data.seeds import derive_seed
+from deitlt_scale.steps import samples_per_rank
 
 
 @dataclass(frozen=True)

@@ -22,9 +22,9 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from deitlt_scale import config as config_mod
 from deitlt_scale.config import Config
 from deitlt_scale.data.meta import DatasetMeta
+from deitlt_scale.steps import resolve_steps
 
 COLUMNS = ("epoch", "step", "micro_batch", "rank", "position", "key")
 
@@ -77,7 +77,7 @@ class EpochOrders:
     def __init__(self, cfg: Config, meta: DatasetMeta, world_size: int, decode: bool) -> None:
         from deitlt_scale.data.loader import TrainLoader, resolve_backend
 
-        self.steps = config_mod.resolve_steps(cfg, meta.num_samples("train"), world_size)
+        self.steps = resolve_steps(cfg, meta.num_samples("train"), world_size)
         self.grad_accum = cfg.train.grad_accum
         self.decode = decode
         device = torch.device("cuda" if resolve_backend(cfg.data.device) == "gpu" else "cpu")

@@ -19,20 +19,12 @@ from __future__ import annotations
 import contextlib
 import os
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING
 
 import numpy as np
 
-from deitlt_scale.errors import UserError
-
-if TYPE_CHECKING:
-    from deitlt_scale.data.loader import ShardFiles
+from deitlt_scale.data.shard_files import ShardError, ShardFiles
 
 REDO = "restore it or re-run `deitlt data prepare`"
-
-
-class ShardError(UserError):
-    """A shard that is missing, truncated, inconsistent with its index, or lacks a label."""
 
 
 @dataclass
@@ -121,7 +113,7 @@ def _label(raw: bytes, tar: object, name: str) -> int:
 
 
 def open_store(shards: list[ShardFiles], cache_bytes: int) -> SampleStore:
-    """Index ``shards`` (checked by ``loader.check_shards``) and read the labels; cache the JPEGs
+    """Index ``shards`` (checked by ``shard_files.check_shards``) and read the labels; cache the JPEGs
     in memory when they total at most ``cache_bytes``."""
     per_shard = [_index_rows(s) for s in shards]
     rows = [row for part in per_shard for row in part]
@@ -168,4 +160,4 @@ def open_store(shards: list[ShardFiles], cache_bytes: int) -> SampleStore:
     return store
 
 
-__all__ = ["SampleStore", "ShardError", "open_store"]
+__all__ = ["SampleStore", "open_store"]

@@ -1,10 +1,10 @@
 """The raw-dataset kinds `deitlt data prepare` reads, in one table.
 
-Each :class:`Source` names its reader (a function of :mod:`deitlt_scale.data.sources`, imported
-when it runs), the options it accepts, those it requires, and its line of
-``deitlt data prepare --help``. The command line's choices, the help text and the checks of
-:func:`deitlt_scale.data.prepare.prepare_dataset` all come from :data:`SOURCES`, so a new source
-is its reader plus one row here. This module imports only the standard library: the CLI builds
+Each :class:`Source` names its reader (a function of :mod:`deitlt_scale.data.sources` or
+:mod:`deitlt_scale.data.list_sources`, imported when it runs), the options it accepts, those it
+requires, and its line of ``deitlt data prepare --help``. The command line's choices, the help
+text and the checks of :func:`deitlt_scale.data.prepare.prepare_dataset` all come from
+:data:`SOURCES`, so a new source is its reader plus one row here. This module imports only the standard library: the CLI builds
 its parser from it without loading numpy or Pillow.
 """
 
@@ -103,17 +103,17 @@ def _digits(name: str, args: SourceArgs) -> SourceData:
 
 
 def _folder(name: str, args: SourceArgs) -> SourceData:
-    from deitlt_scale.data import sources
+    from deitlt_scale.data import list_sources
 
     assert args.root is not None  # required
-    return sources.read_folder(args.root, args.eval_root, args.eval_fraction, args.name)
+    return list_sources.read_folder(args.root, args.eval_root, args.eval_fraction, args.name)
 
 
 def _lists(name: str, args: SourceArgs) -> SourceData:
-    from deitlt_scale.data import sources
+    from deitlt_scale.data import list_sources
 
     assert args.root is not None  # required
-    return sources.read_lists(
+    return list_sources.read_lists(
         name, args.root, args.train_list, args.eval_list, args.num_classes, args.skip_bad,
         args.name, args.val_list,
     )  # fmt: skip

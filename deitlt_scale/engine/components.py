@@ -8,9 +8,10 @@ from typing import Any
 
 import torch
 
-from deitlt_scale.config import Config, OptimConfig, Steps
+from deitlt_scale.config import Config, OptimConfig
 from deitlt_scale.data.meta import DatasetMeta
 from deitlt_scale.engine.distributed import World
+from deitlt_scale.steps import Steps
 
 
 def peak_lr(cfg: Config, world_size: int) -> float:

@@ -27,6 +27,7 @@ from deitlt_scale.engine import checkpoint, selection
 from deitlt_scale.engine.distributed import World, deepspeed_config
 from deitlt_scale.engine.evaluate import EvalResult, evaluate_run, format_table, write_json_atomic
 from deitlt_scale.engine.warm_start import warm_start
+from deitlt_scale.steps import resolve_steps
 from deitlt_scale.tracking.writer import MetricWriter
 
 EXIT_REQUEUE = 75  # stopped by a signal after a complete checkpoint: requeue and resume
@@ -76,7 +77,7 @@ class Trainer:
         cfg, world = self.cfg, self.world
         self.meta = self._given_meta or meta_mod.load(cfg.data.shards)
         self.num_classes = self.meta.num_classes
-        self.steps = config_mod.resolve_steps(cfg, self.meta.num_samples("train"), world.world_size)
+        self.steps = resolve_steps(cfg, self.meta.num_samples("train"), world.world_size)
         self.peak_lr = components.peak_lr(cfg, world.world_size)
         self.ds_config = deepspeed_config(cfg, world.world_size)
         self.resume_from = (
@@ -188,7 +189,7 @@ class Trainer:
         """Forward, loss and backward of micro-batch ``micro`` of the ``count`` that optimizer
         step ``step`` accumulates (default ``grad_accum``); the engine steps after the last."""
         cfg, task = self.cfg, self.task
-        seed = _mix_seed(cfg.train.seed, self.world.rank, step, micro)
+        seed = mix_seed(cfg.train.seed, self.world.rank, step, micro)
         torch.manual_seed(seed)  # drop path and any other torch randomness
         drw = self.steps.drw_start is not None and step >= self.steps.drw_start
         mb = task.inputs(batch, seed, drw)
@@ -471,7 +472,7 @@ def _record_event(device: torch.device) -> Any:
     return event
 
 
-def _mix_seed(seed: int, rank: int, step: int, micro: int) -> int:
+def mix_seed(seed: int, rank: int, step: int, micro: int) -> int:
     # A 63-bit mix of the four integers: independent streams per rank, step and micro-step.
     h = (
         seed * 0x9E3779B97F4A7C15 + rank * 0xBF58476D1CE4E5B9 + step * 0x94D049BB133111EB + micro

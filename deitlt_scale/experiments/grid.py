@@ -17,7 +17,7 @@ from typing import Any, Literal
 
 import yaml
 
-from deitlt_scale.config import ConfigError, build_strict
+from deitlt_scale.strict import ConfigError, build_strict
 
 HEADS = ("cls", "dist", "mean", "teacher")
 GROUPS = ("overall", "head", "mid", "tail")

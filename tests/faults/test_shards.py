@@ -18,9 +18,10 @@ import torch
 from deitlt_scale import cli
 from deitlt_scale import config as config_mod
 from deitlt_scale.data import meta as meta_mod
-from deitlt_scale.data.loader import ShardError
+from deitlt_scale.data.shard_files import ShardError
 from deitlt_scale.engine.components import build_eval_loader, build_train_loader
 from deitlt_scale.engine.distributed import World
+from deitlt_scale.steps import resolve_steps
 from faults import RECIPE, TrainProcess, one_line_error, tiny_overrides
 
 SHARD = "train-000003"  # the damaged shard (one of 17 train shards)
@@ -107,7 +108,7 @@ def _build_loaders(data: Path, teacher: Path, run_dir: Path) -> None:
     """What `deitlt train` builds for its data, with the run's own config."""
     cfg = config_mod.load(RECIPE, tiny_overrides(data, teacher, run_dir))
     meta = meta_mod.load(data)
-    steps = config_mod.resolve_steps(cfg, meta.num_samples("train"), 1)
+    steps = resolve_steps(cfg, meta.num_samples("train"), 1)
     world = World(0, 0, 1, torch.device("cpu"), "gloo")
     build_train_loader(cfg, meta, steps, world)
     build_eval_loader(cfg, meta, world)
