@@ -143,7 +143,7 @@ def test_student_predicts_cls_dist_and_their_mean():
     assert set(heads) == {"cls", "dist", "mean"}
     torch.testing.assert_close(heads["mean"], (heads["cls"] + heads["dist"]) / 2)
     torch.testing.assert_close(heads["mean"], model(x))  # what timm's eval forward returns
-    assert task.headline == "mean/overall"
+    assert task.headline == "mean/mean_class"
 
 
 def test_vit_baseline_has_no_teacher_and_predicts_with_cls():
@@ -154,7 +154,7 @@ def test_vit_baseline_has_no_teacher_and_predicts_with_cls():
     parts = task.loss(model(mb.images), mb, None, drw=False)
     assert set(parts) == {"loss", "cls", "dist"} and parts["dist"] == 0
     assert set(task.predict(model.eval(), batch().images)) == {"cls"}
-    assert task.headline == "cls/overall"
+    assert task.headline == "cls/mean_class"
 
 
 def test_vit_baseline_refuses_a_distillation_type():
