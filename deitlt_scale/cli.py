@@ -18,6 +18,7 @@ COMMANDS = (
     "data",
     "teacher",
     "train",
+    "pretrain",
     "eval",
     "export",
     "analyze",

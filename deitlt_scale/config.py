@@ -136,7 +136,9 @@ class DistillConfig:
     # The CLS head's loss against the ground truth (DIST is unchanged): ce (the paper);
     # balanced_softmax: CE on z + log prior (Ren et al. 2020); logit_adjusted: CE on
     # z + cls_tau * log prior (Menon et al. 2021; cls_tau = 1 is balanced_softmax).
-    cls_loss: Literal["ce", "balanced_softmax", "logit_adjusted"] = "ce"
+    # bal_bce: LiVT's balanced BCE (Xu et al. 2023), cls_tau * (log pi - log(1 - pi)) added to
+    # the logits inside a sigmoid BCE, times the class count.
+    cls_loss: Literal["ce", "balanced_softmax", "logit_adjusted", "bal_bce"] = "ce"
     cls_tau: float = 1.0
 
 
@@ -161,6 +163,9 @@ class OptimConfig:
     # teachers); False exempts biases, norms and tokens (DeiT).
     decay_all: bool = False
     fused: bool = True  # on CUDA: torch's single-kernel AdamW update (ignored elsewhere)
+    # Layer-wise lr decay of ViT fine-tuning (BEiT, MAE): block i's lr is scaled by
+    # layer_decay ** (depth - i), the embeddings' by layer_decay ** (depth + 1); 1 switches it off.
+    layer_decay: float = 1.0
 
 
 @dataclass
@@ -217,8 +222,21 @@ class PaCoConfig:
 
 
 @dataclass
+class MAEConfig:
+    """Masked-autoencoder pre-training of the student's encoder (``train.task: pretrain``,
+    :mod:`deitlt_scale.models.mae`); the defaults are MAE's ViT-B decoder."""
+
+    mask_ratio: float = 0.75  # fraction of each image's patches hidden from the encoder
+    decoder_dim: int = 512
+    decoder_depth: int = 8
+    decoder_heads: int = 16
+    norm_pix_loss: bool = True  # targets: each patch normalised by its own mean and variance
+
+
+@dataclass
 class TrainConfig:
-    task: Literal["student", "teacher"] = "student"
+    # student: DeiT-LT or the ViT baseline; teacher: a CNN teacher; pretrain: MAE pre-training
+    task: Literal["student", "teacher", "pretrain"] = "student"
     epochs: int = 300
     micro_batch: int = 128  # per rank
     grad_accum: int = 1
@@ -289,6 +307,7 @@ class Config:
     eval: EvalConfig = field(default_factory=EvalConfig)
     runtime: RuntimeConfig = field(default_factory=RuntimeConfig)
     paco: PaCoConfig = field(default_factory=PaCoConfig)
+    mae: MAEConfig = field(default_factory=MAEConfig)
 
 
 # --------------------------------------------------------------------------------------------
@@ -437,6 +456,19 @@ def validate(cfg: Config) -> None:
         "in their own dtype at stage 0); set deepspeed.grad_accum_dtype=bf16 or zero_stage=1",
     )
     _validate_schedules_and_paco(cfg)
+    _require(
+        0 < cfg.optim.layer_decay <= 1,
+        "optim.layer_decay",
+        f"must be in (0, 1] (1 switches it off), got {cfg.optim.layer_decay}",
+    )
+    m = cfg.mae
+    _require(0 < m.mask_ratio < 1, "mae.mask_ratio", f"must be in (0, 1), got {m.mask_ratio}")
+    _require(
+        min(m.decoder_dim, m.decoder_depth, m.decoder_heads) >= 1
+        and m.decoder_dim % m.decoder_heads == 0,
+        "mae.decoder_dim",
+        f"must be a multiple of mae.decoder_heads ({m.decoder_heads}), all >= 1",
+    )
 
 
 def _validate_schedules_and_paco(cfg: Config) -> None:

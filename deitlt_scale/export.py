@@ -82,7 +82,8 @@ def read_student(run_dir: Path | None, ckpt: CheckpointRef) -> dict[str, Any]:
     if not path.is_file():
         raise ExportError(
             f"{run_dir} has no {STUDENT_FILE}: export takes student runs of `deitlt train` "
-            "(teacher runs hand on RUN_DIR/teacher instead)"
+            "(teacher runs hand on RUN_DIR/teacher instead; an MAE run of `deitlt pretrain` is "
+            "exported through a student trained from it with train.init_from)"
         )
     try:
         student = json.loads(path.read_text())

@@ -158,6 +158,14 @@ def evaluate_checkpoint(cfg, ref, world, out_dir: Path, recorder=None):
 
     meta = meta_mod.load(cfg.data.shards)
     task = tasks.create(cfg, meta)
+    if not task.classifies:
+        from deitlt_scale.errors import UserError
+
+        raise UserError(
+            f"{ref.run_dir} is a {task.name} pre-training run: it classifies nothing (its "
+            "reconstruction loss per split is in eval/latest.json); train a student from it with "
+            f"train.init_from={ref.run_dir}:latest and evaluate that"
+        )
     model = task.build_model()
     state, _ = consolidate(ref.path)
     load_strict(model, state, f"checkpoint {ref.path}")

@@ -8,6 +8,7 @@ killed-and-resumed run follows the same trajectory as an uninterrupted one.
 
 from __future__ import annotations
 
+import json
 import math
 import signal
 import sys
@@ -250,7 +251,7 @@ class Trainer:
             total_steps=self.steps.scheduled,
         )
         for group in self.engine.optimizer.param_groups:
-            group["lr"] = lr
+            group["lr"] = lr * group.get("lr_scale", 1.0)  # layer-wise lr decay, if any
         self._lr = lr
 
     def _any_rank_nonfinite(self, loss: torch.Tensor) -> bool:
@@ -326,23 +327,40 @@ class Trainer:
         eval_dir, step = self.run_dir / "eval", self.state.step
         self.engine.eval()
         try:
-            result = evaluate_run(
-                self.predict, self.eval_loader, self.meta, self.world, eval_dir, step
-            )
-            chooser = selection.evaluate_selection(
-                self.predict, self.val_loader, result, self.meta, self.world, eval_dir, step
-            )
+            if self.task.classifies:
+                result = evaluate_run(
+                    self.predict, self.eval_loader, self.meta, self.world, eval_dir, step
+                )
+                chooser = selection.evaluate_selection(
+                    self.predict, self.val_loader, result, self.meta, self.world, eval_dir, step
+                )
+            else:
+                result = self._evaluate_split(self.eval_loader, eval_dir)
+                chooser = result
+                if self.val_loader is not None:
+                    chooser = self._evaluate_split(self.val_loader, eval_dir / selection.VAL_DIR)
         finally:
             self.engine.train()
         self._test_result = result
         if self.world.is_main and chooser is not result:
             self.tracker.log_metrics({f"val/{k}": v for k, v in chooser.metrics.items()}, step)
         if self.world.is_main:
-            print(f"[step {self.state.step}] eval\n{format_table(result)}", flush=True)
+            table = format_table(result) if self.task.classifies else json.dumps(result.metrics)
+            print(f"[step {self.state.step}] eval\n{table}", flush=True)
             self.tracker.log_metrics(
                 {f"eval/{k}": v for k, v in result.metrics.items()}, self.state.step
             )
         return chooser
+
+    def _evaluate_split(self, batches: Any, out_dir: Path) -> EvalResult:
+        """A task without classes measures the split its own way (MAE: the reconstruction
+        loss); rank 0 writes ``out_dir/latest.json`` as evaluation does."""
+        metrics = self.task.evaluate_split(self.engine, batches, self.world)
+        if self.world.is_main:
+            write_json_atomic(
+                out_dir / "latest.json", {"step": self.state.step, "metrics": metrics}
+            )
+        return EvalResult(metrics, {}, [])
 
     def predict(self, images: torch.Tensor) -> dict[str, torch.Tensor]:
         """Logits per reported head through the engine's forward (ZeRO-3 gathers parameters)."""

@@ -1,5 +1,10 @@
 """Start a run from a trained run's student weights (``train.init_from``), at any image size.
 
+The source may also be an MAE pre-training run (``deitlt pretrain``, its ``mae.json`` beside
+the checkpoints): then its encoder is taken (the student's own weights under ``encoder.``), the
+decoder dropped and the student's heads left as initialised; a student without a DIST token
+drops the encoder's DIST token and its position embedding.
+
 The higher-resolution final stage of long-tail ViT recipes (e.g. LiVT, CVPR 2023: 224 px, then
 384 px): the new run builds its student at its own ``data.image_size`` and loads the consolidated
 weights of the source checkpoint (any ZeRO stage), with the absolute position embeddings
@@ -61,6 +66,31 @@ def resample_state(state: dict[str, torch.Tensor], model: nn.Module) -> dict[str
     return {**state, POS_EMBED: resampled.to(old.dtype)}
 
 
+MAE_SPEC = "mae.json"  # the spec file of an MAE pre-training run (tasks.MAETask.spec_file)
+ENCODER = "encoder."
+
+
+def encoder_state(state: dict[str, torch.Tensor], model: nn.Module) -> dict[str, torch.Tensor]:
+    """An MAE run's state reduced to what ``model`` (a student) takes from it: the encoder's
+    weights under their student names, ``model``'s own (new) heads, and no DIST token where the
+    student has none."""
+    encoder = {k.removeprefix(ENCODER): v for k, v in state.items() if k.startswith(ENCODER)}
+    for key, value in model.state_dict().items():
+        if key.startswith(("head.", "head_dist.")):
+            encoder[key] = value
+    prefix = int(getattr(model, "num_prefix_tokens", 1))
+    if "dist_token" in encoder and prefix == 1:
+        del encoder["dist_token"]
+        pos = encoder[POS_EMBED]
+        encoder[POS_EMBED] = torch.cat([pos[:, :1], pos[:, 2:]], dim=1)  # CLS, then patches
+    elif "dist_token" not in encoder and prefix == 2:
+        raise UserError(
+            "train.init_from: the MAE encoder has no DIST token for this distilled student; "
+            "pre-train with model.distilled=true"
+        )
+    return encoder
+
+
 def warm_start(model: nn.Module, spec: str) -> str | None:
     """Load the student weights named by ``train.init_from`` into ``model`` (built at the new
     run's image size); returns a line saying what was loaded, or None when ``spec`` is empty.
@@ -73,6 +103,9 @@ def warm_start(model: nn.Module, spec: str) -> str | None:
     run_dir, tag = parse_source(spec)
     ref = find_checkpoint(run_dir, tag)
     state, _ = consolidate(ref.path)
+    pretrained = (run_dir / MAE_SPEC).is_file()
+    if pretrained:
+        state = encoder_state(state, model)
     before = tuple(state[POS_EMBED].shape) if POS_EMBED in state else None
     state = resample_state(state, model)
     try:
@@ -85,4 +118,5 @@ def warm_start(model: nn.Module, spec: str) -> str | None:
         ) from None
     after = tuple(model.pos_embed.shape) if hasattr(model, POS_EMBED) else None
     moved = f", position embeddings {before} -> {after}" if before != after else ""
-    return f"init from   {ref.path} (step {ref.step}){moved}"
+    what = "MAE encoder, new heads, " if pretrained else ""
+    return f"init from   {what}{ref.path} (step {ref.step}){moved}"
