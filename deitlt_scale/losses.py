@@ -34,6 +34,16 @@ def soft_target_ce(logits: Tensor, targets: Tensor) -> Tensor:
     return torch.sum(-targets * F.log_softmax(logits, dim=-1), dim=-1).mean()
 
 
+def balanced_bce(shifted: Tensor, targets: Tensor | None, labels: Tensor) -> Tensor:
+    """LiVT's Bal-BCE on logits already shifted by :func:`cls_logit_shift`: ``K * mean BCE``
+    of ``sigmoid(z + tau * log(pi / (1 - pi)))`` against the (mixed, smoothed) targets, or the
+    one-hot labels when there are none; K is the class count (LiVT ``util/loss.py``)."""
+    k = shifted.shape[-1]
+    if targets is None:
+        targets = F.one_hot(labels, k)
+    return k * F.binary_cross_entropy_with_logits(shifted, targets.to(shifted.dtype))
+
+
 def teacher_in_mix(teacher_labels: Tensor, targets: Tensor | None, labels: Tensor) -> Tensor:
     """Fraction of teacher labels that are one of the ground-truth labels mixed into their
     image: a class the image's target gives more than the smoothing floor (the image's own label
@@ -81,6 +91,7 @@ class DeiTLTObjective:
         self.num_classes = len(train_counts)
         w = torch.as_tensor(drw_weights(train_counts, cfg.beta), dtype=torch.float32)
         self._weights = _DeviceTensor(w)
+        self._bce = cfg.cls_loss == "bal_bce"
         self._cls_shift: _DeviceTensor | None = None
         if cfg.cls_loss != "ce":
             self._cls_shift = _DeviceTensor(cls_logit_shift(cfg, train_counts))
@@ -112,6 +123,8 @@ class DeiTLTObjective:
         return logits + self._cls_shift.on(logits.device)
 
     def _cls_term(self, logits: Tensor, targets: Tensor | None, labels: Tensor) -> Tensor:
+        if self._bce:
+            return balanced_bce(logits, targets, labels)
         if targets is None:
             return F.cross_entropy(logits, labels)
         return soft_target_ce(logits, targets.float())
@@ -217,15 +230,19 @@ class DeiTLTObjective:
 def cls_logit_shift(cfg: DistillConfig, train_counts: Sequence[int]) -> Tensor:
     """``tau * log(n_c / N)`` per class (float32) for ``distill.cls_loss``: tau = 1 for
     ``balanced_softmax`` (Ren et al., NeurIPS 2020), ``cls_tau`` for ``logit_adjusted`` (Menon
-    et al., ICLR 2021); zeros for ``ce``. Adding it to the logits before the cross-entropy
-    makes the loss prefer a classifier that is right on the *balanced* distribution."""
+    et al., ICLR 2021); zeros for ``ce``; ``cls_tau * log(pi_c / (1 - pi_c))`` for ``bal_bce``
+    (LiVT, Xu et al., CVPR 2023). Adding it to the logits before the loss makes the loss prefer
+    a classifier that is right on the *balanced* distribution."""
     counts = torch.as_tensor(list(train_counts), dtype=torch.float64)
     if (counts <= 0).any():
         raise ValueError("every class needs a training image for the log prior of cls_loss")
     if cfg.cls_tau < 0:
         raise ValueError(f"distill.cls_tau must be >= 0, got {cfg.cls_tau}")
+    prior = counts / counts.sum()
+    if cfg.cls_loss == "bal_bce":  # the unbiased sigmoid's margin, log(pi / (1 - pi))
+        return (cfg.cls_tau * (torch.log(prior) - torch.log1p(-prior))).float()
     tau = {"ce": 0.0, "balanced_softmax": 1.0, "logit_adjusted": float(cfg.cls_tau)}[cfg.cls_loss]
-    return (tau * torch.log(counts / counts.sum())).float()
+    return (tau * torch.log(prior)).float()
 
 
 class LDAMObjective:

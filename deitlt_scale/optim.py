@@ -33,13 +33,16 @@ def bare_name(name: str) -> str:
 
 
 def param_groups(
-    model: nn.Module, weight_decay: float, decay_all: bool = False
+    model: nn.Module, weight_decay: float, decay_all: bool = False, layer_decay: float = 1.0
 ) -> list[dict[str, Any]]:
     """Two groups: decayed weights, and undecayed biases, norms / other 1-D parameters,
     ``pos_embed``, ``cls_token``, ``dist_token`` (plus the model's ``no_weight_decay()`` names).
 
     ``decay_all``: one group, every parameter decayed (``SGD(model.parameters(), weight_decay=wd)``
-    of the CNN teacher recipes). Frozen parameters are left out; empty groups are omitted.
+    of the CNN teacher recipes). ``layer_decay`` < 1 (ViT fine-tuning): the two groups are split
+    per layer (:func:`vit_layer`), each with ``lr_scale = layer_decay ** (depth + 1 - layer)``,
+    which the trainer multiplies into the scheduled lr. Frozen parameters are left out; empty
+    groups are omitted.
     """
     if decay_all:
         params = [p for p in model.parameters() if p.requires_grad]
@@ -48,21 +51,36 @@ def param_groups(
     inner = getattr(model, "_orig_mod", model)
     if hasattr(inner, "no_weight_decay"):
         skip |= set(inner.no_weight_decay())
-    decay, no_decay = [], []
+    depth = None
+    if layer_decay < 1.0:
+        if not hasattr(inner, "blocks"):
+            raise ValueError("optim.layer_decay needs a ViT (a model with .blocks)")
+        depth = len(inner.blocks)
+    groups: dict[tuple[int, bool], dict[str, Any]] = {}
     for name, p in model.named_parameters():
         if not p.requires_grad:
             continue
         bare = bare_name(name)
-        if p.ndim <= 1 or bare.endswith(".bias") or bare in skip:
-            no_decay.append(p)
-        else:
-            decay.append(p)
-    groups = []
-    if decay:
-        groups.append({"params": decay, "weight_decay": weight_decay})
-    if no_decay:
-        groups.append({"params": no_decay, "weight_decay": 0.0})
-    return groups
+        decayed = not (p.ndim <= 1 or bare.endswith(".bias") or bare in skip)
+        layer = 0 if depth is None else vit_layer(bare, depth)
+        group = groups.setdefault(
+            (layer, decayed), {"params": [], "weight_decay": weight_decay if decayed else 0.0}
+        )
+        if depth is not None:
+            group["lr_scale"] = layer_decay ** (depth + 1 - layer)
+        group["params"].append(p)
+    # Decayed before undecayed, layer by layer: the two-group order of the plain case.
+    return [groups[k] for k in sorted(groups, key=lambda k: (k[0], not k[1]))]
+
+
+def vit_layer(name: str, depth: int) -> int:
+    """BEiT's layer of a ViT parameter: 0 for the embeddings and tokens, ``i + 1`` for block
+    ``i``, ``depth + 1`` for the final norm and the heads."""
+    if name.startswith(("cls_token", "dist_token", "reg_token", "pos_embed", "patch_embed")):
+        return 0
+    if name.startswith("blocks."):
+        return int(name.split(".")[1]) + 1
+    return depth + 1
 
 
 def peak_lr(cfg: OptimConfig, micro_batch: int, world: int) -> float:
@@ -211,7 +229,7 @@ def build_optimizer(
     SAM (``cfg.sam_rho > 0``) is not applied here: the trainer calls :func:`sam_perturb` /
     :func:`sam_restore` around its second backward pass, since DeepSpeed owns the optimizer step.
     """
-    groups = param_groups(model, cfg.weight_decay, decay_all=cfg.decay_all)
+    groups = param_groups(model, cfg.weight_decay, cfg.decay_all, cfg.layer_decay)
     if cfg.name == "adamw":
         extra = {"fused": True} if fused else {}
         return torch.optim.AdamW(groups, lr=lr, betas=cfg.betas, eps=cfg.eps, **extra)
