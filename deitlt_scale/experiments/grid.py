@@ -44,13 +44,14 @@ class TeacherSpec:
 
 @dataclass(frozen=True)
 class RowSpec:
-    """``kind: train`` runs ``deitlt train``; ``kind: control`` the plain PyTorch loop of
+    """``kind: train`` runs ``deitlt train``; ``kind: pretrain`` runs ``deitlt pretrain`` (a row
+    whose runs other rows start from, ``init_from``); ``kind: control`` the plain PyTorch loop of
     ``deitlt bench control --side plain`` on the same recipe, and ``controls`` names the train
     row it is compared with. ``reuses`` shows another row's runs under this row's name (trained
     once); ``init_from`` starts each seed from another row's run of that seed."""
 
     recipe: str = ""
-    kind: Literal["train", "control"] = "train"
+    kind: Literal["train", "control", "pretrain"] = "train"
     controls: str | None = None
     teacher: str | None = None
     # Start from the final weights of this row's run of the same seed (train.init_from): a

@@ -49,7 +49,9 @@ class Run:
     stage: Literal["teachers", "rows"]
     name: str
     seed: int
-    verb: tuple[str, ...]  # ("teacher", "train") | ("train",) | ("bench", "control")
+    verb: tuple[
+        str, ...
+    ]  # ("teacher", "train") | ("train",) | ("pretrain",) | ("bench", "control")
     recipe: str
     overrides: tuple[str, ...]
     run_dir: Path
@@ -153,7 +155,9 @@ def expand(grid: Grid, out: Path, options: Options) -> Plan:
                  *scaled_schedule(recipe, options.epochs), *teacher, *spec.overrides,
                  *options.student_set]
             )  # fmt: skip
-            verb = ("bench", "control") if spec.kind == "control" else ("train",)
+            verb = {"control": ("bench", "control"), "pretrain": ("pretrain",)}.get(
+                spec.kind, ("train",)
+            )
             plan.runs.append(
                 Run("rows", name, seed, verb, str(recipe), tuple(overrides), run_dir, tuple(needs))
             )

@@ -199,6 +199,10 @@ class Report:
                 continue
             runs = self.runs(name)
             heads = heads_of(runs)
+            if not heads:  # a pre-training row: its masked reconstruction loss, eval and val
+                loss = [_plain([r[s].get("mae/loss") for r in runs], 3) for s in ("metrics", "val")]
+                lines.append(_row([name, "reconstruction loss, eval / val", *loss, "", "",
+                                   *[""] * len(columns)]))  # fmt: skip
             for h in heads:
                 paper = self._paper_cells(spec["paper"]) if h == heads[-1] else [""] * len(columns)
                 cells = [cell(_values(runs, key(h, g))) for g in GROUPS]
@@ -440,6 +444,8 @@ def write_plots(doc: Mapping[str, Any], folder: Path) -> list[Path]:
     bars = {}
     for name in report.shown_rows():
         runs = report.runs(name)
+        if not heads_of(runs):  # pre-training: no accuracy to draw
+            continue
         head = heads_of(runs)[-1]
         bars[f"{name} ({head})"] = {g: mean_std(_values(runs, key(head, g))) for g in GROUPS}
     written = [folder / "rows.png"]

@@ -25,8 +25,9 @@ from deitlt_scale.experiments.plan import SUMMARY_FILE, Plan, Run, is_complete
 from deitlt_scale.experiments.runner import RunState, deitlt_command, last_line
 
 FORMAT = "deitlt-experiment-results/1"
-# The eval keys a report reads: every head's overall, mean per-class and paper groups.
-KEPT = ("/overall", "/mean_class", "/paper/head", "/paper/mid", "/paper/tail")
+# The eval keys a report reads: every head's overall, mean per-class and paper groups, and a
+# pre-training run's reconstruction loss.
+KEPT = ("/overall", "/mean_class", "/paper/head", "/paper/mid", "/paper/tail", "mae/loss")
 
 
 def _kept(metrics: dict[str, float]) -> dict[str, float]:
