@@ -283,6 +283,13 @@ DEFAULT_COMMANDS = {
         ["train", "recipes/cifar100lt_r50.yaml"],
     ),
     "teacher": ("teacher_sam.sh", {}, (), ["teacher", "train", "recipes/teacher_digits.yaml"]),
+    "pretrain": ("pretrain_mae.sh", {}, (), ["pretrain", "recipes/mae_imagenetlt_b.yaml"]),
+    "pretrain-inat18": (
+        "pretrain_mae.sh",
+        {"DATASET": "inat18"},
+        (),
+        ["pretrain", "recipes/mae_inat18_b.yaml"],
+    ),
     "prepare": (
         "prepare_data.sh",
         {},
