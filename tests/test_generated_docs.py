@@ -39,9 +39,7 @@ def test_the_fault_table_is_what_the_fault_suites_results_give():
 def test_every_generated_block_is_one_this_module_checks():
     """A marker that says "generated" must belong to a generator checked above."""
     checked = {reliability_table.BEGIN}
-    for data in (DOCS / "data").glob("*.json"):
-        if data.name == "faults.json":
-            continue
+    for data in report.published_results(DOCS):
         name = data.stem
         checked.add(report.README_START.format(name=name))
         checked.add(report.PAGE_MARK.format(data=f"docs/data/{name}.json"))
@@ -61,9 +59,7 @@ def test_a_hand_edited_generated_line_is_caught_naming_the_block_and_the_command
     table.write_text(text.replace(line, line.replace("| pass |", "| **FAIL** |"), 1))
     problem = reliability_table.drift(table, docs / "data" / "faults.json")
     assert problem and reliability_table.BEGIN in problem and "reliability_table.py" in problem
-    for data in (docs / "data").glob("*.json"):
-        if data.name == "faults.json":
-            continue
+    for data in report.published_results(docs):
         page = report.published_paths(load_results(data), docs)["page"]
         figures = re.search(r"\d+\.\d ± \d+\.\d", page.read_text()).group(0)
         page.write_text(page.read_text().replace(figures, "99.9 ± 0.0", 1))

@@ -65,7 +65,8 @@ def test_training_moves_the_queries_keys_follow_by_momentum_and_the_queue_fills(
 ) -> None:
     state = moco_state(paco_run)
     torch.manual_seed(0)  # the trainer's initial weights for seed 0
-    initial = MoCo("resnet32", 10, moco_dim=32, moco_k=QUEUE).state_dict()
+    arch = config_mod.load(RECIPE).model.arch  # the digits PaCo recipe's ResNet
+    initial = MoCo(arch, 10, moco_dim=32, moco_k=QUEUE).state_dict()
     name = "encoder_q.conv1.weight"
     moved_q = (state[name] - initial[name]).abs().max()
     moved_k = (state[name.replace("_q", "_k")] - initial[name]).abs().max()
@@ -83,7 +84,7 @@ def test_the_teacher_file_is_the_import_of_the_runs_paco_checkpoint(
     torch.save({"epoch": 1, "state_dict": wrapped}, source)
     imported = tmp_path / "imported"
     import_checkpoint(
-        "paco", source, "resnet32", 10, 32, imported, label_space="model",
+        "paco", source, config_mod.load(RECIPE).model.arch, 10, 32, imported, label_space="model",
         mean=(0.4914, 0.4822, 0.4465), std=(0.2023, 0.1994, 0.2010),
     )  # fmt: skip
 
@@ -119,7 +120,7 @@ def test_deitlt_eval_scores_the_run_through_the_containers_inference(
         (["data.epoch_multiple=1"], "PaCo's queue takes full batches; set data.epoch_multiple=32"),
         (["paco.moco_k=48"], "paco.moco_k=48 is not a multiple of the global micro-batch 32"),
         (["deepspeed.zero_stage=3", "optim.sam_rho=0"], "deepspeed.zero_stage=3 with paco"),
-        (["model.arch=resnet50x"], "PaCo trains resnet32 or resnet50"),
+        (["model.arch=resnet50x"], "PaCo trains resnet8 or resnet14 or"),
         (["data.mixup.prob=1.0", "data.mixup.mixup_alpha=0.8"], "data.mixup.prob must be 0"),
         (["distill.drw_epoch=0"], "PaCo re-balances through its log-prior term"),
     ],

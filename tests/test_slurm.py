@@ -422,6 +422,7 @@ TINY_OVERRIDES = (
     "teacher.path=",
     "distill.drw_epoch=null",
     "train.epochs=4",
+    "schedule.warmup_epochs=1",
     "train.log_every=1",
     "checkpoint.every_epochs=1",
     "checkpoint.keep_last=100",  # keep every checkpoint, so the test can read the signal one

@@ -62,7 +62,10 @@ def test_a_trained_32px_student_starts_a_48px_stage(digits_lt, random_teacher, t
     run_dir = tmp_path / "stage1"
     out = launch(
         tiny_overrides(
-            digits_lt, random_teacher, run_dir, **{"train.epochs": 1, "distill.drw_epoch": "null"}
+            digits_lt,
+            random_teacher,
+            run_dir,
+            **{"train.epochs": 1, "distill.drw_epoch": "null", "model.patch_size": 8},
         )
     )
     assert out.returncode == 0, out.stderr[-2000:]

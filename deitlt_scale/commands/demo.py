@@ -39,6 +39,7 @@ def run(args: argparse.Namespace) -> int:
     from deitlt_scale.data.prepare import prepare_dataset
     from deitlt_scale.data.sources import VAL_ALL
     from deitlt_scale.errors import UserError
+    from deitlt_scale.experiments.plan import scaled_schedule
 
     out: Path = args.out.resolve()
     data, teacher_run, student_run = out / "data" / "digits-lt", out / "teacher", out / "student"
@@ -56,10 +57,8 @@ def run(args: argparse.Namespace) -> int:
 
     _stage(2, "train the LDAM-DRW + SAM ResNet-14 teacher", teacher_run)
     teacher_overrides = [f"data.shards={data}", f"runtime.run_dir={teacher_run}"]
-    if args.teacher_epochs is not None:
-        # Shorter teacher runs keep the DRW phase: its last fifth.
-        drw = args.teacher_epochs - max(1, args.teacher_epochs // 5)
-        teacher_overrides += [f"train.epochs={args.teacher_epochs}", f"distill.drw_epoch={drw}"]
+    # Shorter runs keep the recipe's schedule in proportion (warm-up, DRW), as grids shorten it.
+    teacher_overrides += scaled_schedule(RECIPES / "teacher_digits.yaml", args.teacher_epochs)
     code = _deitlt("teacher", "train", RECIPES / "teacher_digits.yaml", *teacher_overrides)
     if code != 0:
         return code
@@ -70,9 +69,7 @@ def run(args: argparse.Namespace) -> int:
         f"runtime.run_dir={student_run}",
         f"teacher.path={teacher_run / 'teacher'}",
     ]
-    if args.epochs is not None:
-        drw = args.epochs - max(1, args.epochs // 10)
-        overrides += [f"train.epochs={args.epochs}", f"distill.drw_epoch={drw}"]
+    overrides += scaled_schedule(RECIPES / "tiny_digits.yaml", args.epochs)
     code = _deitlt("train", RECIPES / "tiny_digits.yaml", *overrides, *args.overrides)
     if code != 0:
         return code
