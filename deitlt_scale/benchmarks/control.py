@@ -422,9 +422,10 @@ def _check_supported(cfg: Any) -> None:
 def train_plain(cfg: Any) -> int:
     """Train ``cfg`` with the plain loop into ``runtime.run_dir``; 0, or 75 when stopped."""
     import torch
-    from timm.data import Mixup
     from timm.optim import param_groups_weight_decay
     from torch.utils.data import DataLoader
+
+    from deitlt_scale.benchmarks.reference_step import timm_mixup
 
     _check_supported(cfg)
     started = time.perf_counter()
@@ -457,16 +458,7 @@ def train_plain(cfg: Any) -> int:
         for split in ("eval", "val")
         if split in meta["splits"]
     }
-    mix = d.mixup
-    mixer = Mixup(
-        mixup_alpha=mix.mixup_alpha,
-        cutmix_alpha=mix.cutmix_alpha,
-        prob=mix.prob,
-        switch_prob=mix.switch_prob,
-        mode="batch",
-        label_smoothing=mix.label_smoothing,
-        num_classes=num_classes,
-    )
+    mixer = timm_mixup(d.mixup, num_classes)
     o = cfg.optim
     no_decay = set(model.no_weight_decay())
     optimizer = torch.optim.AdamW(

@@ -44,6 +44,21 @@ def _cpu_fp16_autocast_works() -> bool:
         return False
 
 
+def timm_mixup(mix, num_classes: int):
+    """timm's ``Mixup`` in batch mode with a recipe's ``data.mixup`` settings."""
+    from timm.data import Mixup
+
+    return Mixup(
+        mixup_alpha=mix.mixup_alpha,
+        cutmix_alpha=mix.cutmix_alpha,
+        prob=mix.prob,
+        switch_prob=mix.switch_prob,
+        mode="batch",
+        label_smoothing=mix.label_smoothing,
+        num_classes=num_classes,
+    )
+
+
 class ReferenceRecipe:
     """The original code's training step in plain torch (see the module docstring): timm's eager
     distilled ViT, timm Mixup, autocast around student, teacher and loss, GradScaler, torch AdamW,
@@ -62,7 +77,6 @@ class ReferenceRecipe:
     ) -> None:
         import timm
         import torch
-        from timm.data import Mixup
         from timm.loss import SoftTargetCrossEntropy
 
         from deitlt_scale.models.student import student_spec
@@ -87,16 +101,7 @@ class ReferenceRecipe:
             eps=cfg.optim.eps,
         )
         self.scaler = torch.amp.GradScaler(device.type, enabled=amp_dtype == torch.float16)
-        m = cfg.data.mixup
-        self.mixup = Mixup(
-            mixup_alpha=m.mixup_alpha,
-            cutmix_alpha=m.cutmix_alpha,
-            prob=m.prob,
-            switch_prob=m.switch_prob,
-            mode="batch",
-            label_smoothing=m.label_smoothing,
-            num_classes=num_classes,
-        )
+        self.mixup = timm_mixup(cfg.data.mixup, num_classes)
         self.soft_ce = SoftTargetCrossEntropy()
         self.alpha = cfg.distill.alpha
         self.device, self.amp_dtype, self.batches = device, amp_dtype, batches

@@ -16,10 +16,16 @@ HELP = "train a DeiT-LT student from a recipe (DeepSpeed, DALI, co-located teach
 
 
 def register(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("recipe", help="YAML recipe, e.g. recipes/tiny_digits.yaml")
-    parser.add_argument(
-        "overrides", nargs="*", help="dotted overrides, e.g. optim.lr=1e-3 train.epochs=2"
-    )
+    add_training_arguments(parser, "recipes/tiny_digits.yaml", "optim.lr=1e-3 train.epochs=2")
+
+
+def add_training_arguments(
+    parser: argparse.ArgumentParser, recipe: str, overrides: str, epilog: str = ""
+) -> None:
+    """The arguments of a training verb (``train``, ``pretrain``): recipe, overrides,
+    ``--dry-run``, ``--world-size``; ``recipe`` and ``overrides`` are the help's examples."""
+    parser.add_argument("recipe", help=f"YAML recipe, e.g. {recipe}")
+    parser.add_argument("overrides", nargs="*", help=f"dotted overrides, e.g. {overrides}")
     parser.add_argument(
         "--dry-run",
         action="store_true",
@@ -29,6 +35,7 @@ def register(parser: argparse.ArgumentParser) -> None:
     parser.epilog = (
         "Resumes automatically from the newest complete checkpoint in runtime.run_dir. "
         "Exit status 75 means: stopped by a signal after a checkpoint; run again to resume."
+        + (f" {epilog}" if epilog else "")
     )
 
 
