@@ -7,7 +7,8 @@
 #                      (--dry-run when DRY_RUN=1) for the launch line.
 #   deitlt_run CMD...  runs the launch line (srun ...), keeps this batch shell alive through
 #                      signals, and turns exit status 75 ("checkpoint saved, requeue me") into
-#                      `scontrol requeue $SLURM_JOB_ID`. Any other status becomes the job's.
+#                      `scontrol requeue` of the job (of the element, in an array). Any other
+#                      status becomes the job's.
 #                      With DRY_RUN=1 it first prints the layout: every task's host, rank, local
 #                      rank and resolved rendezvous, from an srun with the launch line's options.
 #
@@ -192,14 +193,19 @@ deitlt_run() {
   # trainer saved on the SIGTERM, but SLURM would still accept a requeue during KillWait and run
   # the job again. A job that is ending stays ended. (No answer from slurmctld: try the requeue.)
   local state
-  state=$(scontrol show job -o "$SLURM_JOB_ID" 2>/dev/null | grep -o 'JobState=[A-Z_]*')
+  # An array element is named ARRAY_TASK: the first element's own id is also the array's id,
+  # which `scontrol` would take for every element of the array.
+  local job=$SLURM_JOB_ID
+  [[ -n ${SLURM_ARRAY_JOB_ID:-} && -n ${SLURM_ARRAY_TASK_ID:-} ]] &&
+    job=${SLURM_ARRAY_JOB_ID}_${SLURM_ARRAY_TASK_ID}
+  state=$(scontrol show job -o "$job" 2>/dev/null | grep -o 'JobState=[A-Z_]*' | head -n 1)
   if [[ -n $state && $state != JobState=RUNNING ]]; then
     deitlt_log "exit status 75 (checkpoint saved) but the job is ending ($state: cancelled, time limit or preemption): not requeued; resubmit the same command to resume"
     exit "$status"
   fi
-  deitlt_log "exit status 75 (checkpoint saved): scontrol requeue $SLURM_JOB_ID, restart $((restarts + 1))"
+  deitlt_log "exit status 75 (checkpoint saved): scontrol requeue $job, restart $((restarts + 1))"
   DEITLT_REQUEUED=1
-  if scontrol requeue "$SLURM_JOB_ID"; then
+  if scontrol requeue "$job"; then
     exit 0
   fi
   DEITLT_REQUEUED=0

@@ -419,10 +419,10 @@ def slurm_run(slurm_cluster, tiny_run, tmp_path_factory: pytest.TempPathFactory)
     assert submitted.returncode == 0, submitted.stdout + submitted.stderr
     jobs = {line.split()[1].rstrip(":"): line.split()[0]
             for line in submitted.stdout.splitlines() if line.split()}  # fmt: skip
-    student = out / "rows" / "student-seed1"
+    student, element = out / "rows" / "student-seed1", f"{jobs['rows/student']}_1"
     slurm_cluster.wait_until(lambda: bool(list(student.glob("checkpoints/step_*/COMPLETE"))),
-                             600, "student seed 1 to save a checkpoint")  # fmt: skip
-    slurm_cluster.signal(f"{jobs['rows/student']}_1", "USR1")
+                             600, "student seed 1 to save a checkpoint", element)  # fmt: skip
+    slurm_cluster.signal(element, "USR1")
     ends = {name: slurm_cluster.wait_for_end(job, 900) for name, job in jobs.items()}
     report = subprocess.run([sys.executable, "-m", "deitlt_scale.cli", "experiment", "report",
                              str(out)], cwd=REPO, env=env, capture_output=True, text=True,

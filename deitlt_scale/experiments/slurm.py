@@ -97,6 +97,8 @@ def submit(
                     depends.append(f"afterok:{data_job}")
                 seeds = tuple(r.seed for r in part)
                 log = part[0].run_dir.parent / f"{name}-seed%a.log"
+                if not dry_run:  # SLURM opens the log before the job runs: its folder must exist
+                    log.parent.mkdir(parents=True, exist_ok=True)
                 command = [
                     *base,
                     f"--array={_array(seeds, max_parallel)}",
