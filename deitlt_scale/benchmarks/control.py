@@ -6,7 +6,9 @@ and trainer) and once with :func:`train_plain` below, then prints both evaluatio
 differences and the ratio of training images/s. ``--side plain`` trains only the plain loop (the
 control row of an experiment grid).
 
-The plain loop reads nothing of the project but the recipe's values and the prepared files:
+The plain loop takes nothing of the project's training machinery (no DALI, DeepSpeed, task,
+objective, mixer, sampler or trainer): only the recipe's values, the prepared files and the CNN
+teacher's network definition.
 
 * data: the shards' tar members read with :mod:`tarfile`, decoded by PIL in a torch ``DataLoader``
   (``data.num_threads`` worker processes) with torchvision's crops and flips and timm's
@@ -23,8 +25,8 @@ The plain loop reads nothing of the project but the recipe's values and the prep
   val split when prepared), written as ``RUN_DIR/eval/latest.json`` and ``eval/val/latest.json``
   with the trainer's metric names, so a grid reads both kinds of run alike.
 
-SIGTERM or SIGINT stops the plain loop before its next step with exit status 75 and nothing
-written: the run is short and starts over.
+SIGTERM stops the plain loop before its next step with exit status 75 and nothing written (the
+run is short and starts over); Ctrl-C interrupts it.
 """
 
 from __future__ import annotations
