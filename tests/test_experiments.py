@@ -479,3 +479,19 @@ def test_the_cluster_reports_what_the_same_grid_gives_on_one_machine(slurm_run, 
     assert [(v.differences, v.outcome) for v in claims[0]] == [
         (v.differences, v.outcome) for v in claims[1]
     ]
+
+
+def test_the_provenance_names_each_cpu_the_attempts_ran_on_when_they_differ(tmp_path) -> None:
+    doc = _doc(tmp_path, [0.8, 0.82], [0.7, 0.71])
+    (machine,) = [line for line in report_mod.Report(doc).provenance() if "Machine" in line]
+    assert "more than one CPU" not in machine  # no attempt names its CPU
+    doc["machine"]["cpu"] = "cpu A"
+    for stage in ("rows", "teachers"):
+        for runs in doc[stage].values():
+            for r in runs:
+                r["cpus"] = ["cpu A"]
+    (machine,) = [line for line in report_mod.Report(doc).provenance() if "Machine" in line]
+    assert "more than one CPU" not in machine
+    doc["rows"]["other"][1]["cpus"] = ["cpu B", "cpu A"]
+    (machine,) = [line for line in report_mod.Report(doc).provenance() if "Machine" in line]
+    assert "(attempts per CPU: cpu A: 8; cpu B: 1)" in machine

@@ -18,6 +18,7 @@ from __future__ import annotations
 import math
 import shlex
 import statistics
+from collections import Counter
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -158,8 +159,17 @@ class Report:
             f"Machine: {m['arch']}, {m['cores']} CPU cores ({m['cpu']}), "
             f"{m['gpu'] or 'no GPU'}; Python {m['python']}, torch {v['torch']}, deepspeed "
             f"{v['deepspeed']}, timm {v['timm']}, DALI {v['dali']}; {load}. Runs ended "
-            f"{dates} (UTC).",
+            f"{dates} (UTC).{self.run_cpus(runs)}",
         ]
+
+    def run_cpus(self, runs: list[dict[str, Any]]) -> str:
+        """Where the runs' attempts ran, when not all on the reporting machine's CPU: wall times
+        and images/s of different CPUs are not comparable."""
+        cpus = Counter(c or "not recorded" for r in runs for c in r.get("cpus", [None]))
+        if set(cpus) in ({self.doc["machine"]["cpu"]}, {"not recorded"}):
+            return ""
+        spread = "; ".join(f"{cpu}: {n}" for cpu, n in cpus.most_common())
+        return f" The attempts ran on more than one CPU (attempts per CPU: {spread})."
 
     def convention(self) -> str:
         seeds = " ".join(map(str, self.doc["seeds"]))

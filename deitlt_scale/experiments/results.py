@@ -22,7 +22,7 @@ from typing import Any
 from deitlt_scale.errors import UserError
 from deitlt_scale.experiments.grid import as_tree
 from deitlt_scale.experiments.plan import SUMMARY_FILE, Plan, Run, is_complete
-from deitlt_scale.experiments.runner import RunState, deitlt_command, last_line
+from deitlt_scale.experiments.runner import RunState, cpu_model, deitlt_command, last_line
 
 FORMAT = "deitlt-experiment-results/1"
 # The eval keys a report reads: every head's overall, mean per-class and paper groups, and a
@@ -53,6 +53,7 @@ def run_record(run: Run) -> dict[str, Any]:
         "wall_s": round(sum(a["wall_s"] for a in attempts), 2),
         "cpu_s": round(sum(a["cpu_s"] for a in attempts), 2),
         "load_before": [a.get("load_before") for a in attempts],
+        "cpus": [a.get("cpu") for a in attempts],
         "ended": attempts[-1]["ended"] if attempts else "",
     }
 
@@ -194,11 +195,7 @@ def per_class_record(run: Run) -> dict[str, list[float | None]]:
 
 def machine() -> dict[str, Any]:
     """The CPU, core count, GPU and package versions of this machine."""
-    cpu = next(
-        (line.split(":", 1)[1].strip() for line in _lines("/proc/cpuinfo")
-         if line.startswith("model name")),
-        platform.processor() or "unknown CPU",
-    )  # fmt: skip
+    cpu = cpu_model()
     import torch
 
     gpu = torch.cuda.get_device_name(0) if torch.cuda.is_available() else None
@@ -208,13 +205,6 @@ def machine() -> dict[str, Any]:
     versions["dali"] = dali[0] if dali else "not installed"
     return {"arch": platform.machine(), "cores": os.cpu_count(), "cpu": cpu, "gpu": gpu,
             "python": platform.python_version(), "versions": versions}  # fmt: skip
-
-
-def _lines(path: str) -> list[str]:
-    try:
-        return Path(path).read_text().splitlines()
-    except OSError:
-        return []
 
 
 def _version(dist: str) -> str:

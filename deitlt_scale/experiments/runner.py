@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import json
 import os
+import platform
 import resource
 import signal
 import socket
@@ -128,6 +129,7 @@ class _Attempt:
             "started": self.started, "ended": _now(), "exit": code, "host": s.host,
             "wall_s": round(time.perf_counter() - self.t0, 2),
             "cpu_s": round(_cpu_seconds() - self.cpu0, 2), "load_before": self.load,
+            "cpu": cpu_model(),
         })  # fmt: skip
         if code == 0:
             s.state = "done"
@@ -140,6 +142,22 @@ class _Attempt:
     def __exit__(self, *exc: object) -> None:
         if exc[0] is not None and self.state.state == "running":
             self.finish(1)
+
+
+def cpu_model() -> str:
+    """The CPU's name with its family and model numbers: machines that share a marketing name
+    ("Intel(R) Xeon(R) Processor") run at different speeds, and wall times must say which."""
+    fields: dict[str, str] = {}
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            key, _, value = line.partition(":")
+            fields.setdefault(key.strip(), value.strip())
+    except OSError:
+        pass
+    name = fields.get("model name") or platform.processor() or "unknown CPU"
+    if "cpu family" in fields and "model" in fields:
+        name += f", family {fields['cpu family']} model {fields['model']}"
+    return name
 
 
 def _cpu_seconds() -> float:
