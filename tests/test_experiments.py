@@ -123,6 +123,10 @@ def test_the_in_distribution_teacher_sees_the_students_augmentation() -> None:
         (lambda g: g.update(seeds=[1, 1]), "seeds must be distinct"),
         (lambda g: g["rows"]["other"].update(recipe="missing.yaml"),
          "rows.other.recipe missing.yaml does not exist"),
+        (lambda g: g["report"].update(select={"kept": "ghost", "why": "cheaper"}),
+         "report.select.kept names 'ghost', which is not a row"),
+        (lambda g: g["report"].update(select={"kept": "other"}),
+         "report.select.kept needs report.select.why"),
     ],
 )  # fmt: skip
 def test_a_grid_that_is_wrong_is_refused_naming_what(tmp_path, change, message) -> None:
@@ -495,3 +499,18 @@ def test_the_provenance_names_each_cpu_the_attempts_ran_on_when_they_differ(tmp_
     doc["rows"]["other"][1]["cpus"] = ["cpu B", "cpu A"]
     (machine,) = [line for line in report_mod.Report(doc).provenance() if "Machine" in line]
     assert "(attempts per CPU: cpu A: 8; cpu B: 1)" in machine
+
+
+def test_the_choice_marks_the_row_kept_and_the_first_ranked_with_the_reason(tmp_path) -> None:
+    doc = _doc(tmp_path, [0.8, 0.82], [0.7, 0.71])
+    select = {"metric": "mean/mean_class", "split": "val", "kept": None, "why": ""}
+    doc["grid"]["report"]["select"] = select
+    table = report_mod.Report(doc).selection_table()
+    assert "| student | 81.0 ± 1.4 |" in table and table.count("**kept**") == 1
+    assert "ranked first" not in table and "The recipe keeps" not in table
+    select.update(kept="other", why="it costs half as much.")
+    table = report_mod.Report(doc).selection_table()
+    (kept,) = [line for line in table.splitlines() if "**kept**" in line]
+    (first,) = [line for line in table.splitlines() if "ranked first" in line]
+    assert kept.startswith("| other |") and first.startswith("| student |")
+    assert "The recipe keeps row `other`: it costs half as much." in table

@@ -30,7 +30,7 @@ class Side:
 
 @dataclass(frozen=True)
 class Claim:
-    statement: str  # the paper's claim, in a sentence
+    statement: str  # the claim (the paper's, or a grid's own), in a sentence
     source: str  # where the paper shows it
     better: Side
     worse: Side
@@ -123,7 +123,7 @@ def claims_markdown(verdicts: Sequence[Verdict], per_seed: Mapping[str, Sequence
         return f"{sum(values) / len(values):.1f}"
 
     lines = [
-        "| the paper's claim | source | better | worse | difference (points, 95% CI) | seeds "
+        "| claim | source | better | worse | difference (points, 95% CI) | seeds "
         "agreeing | verdict |",
         "|---|---|---|---|---|---|---|",
     ]

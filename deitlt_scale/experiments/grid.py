@@ -111,6 +111,10 @@ class Selection:
 
     metric: str = "mean/mean_class"
     split: Literal["val"] = "val"
+    # The row the recipe keeps when it is not the first ranked (rows within noise of each
+    # other: the cheaper or the paper's setting), and why, in the page.
+    kept: str | None = None
+    why: str = ""
 
 
 @dataclass(frozen=True)
@@ -256,6 +260,14 @@ def _check(grid: Grid, where: str) -> None:
         row = getattr(report, key)
         if row is not None and row not in grid.rows:
             fail(f"report.{key} names {row!r}, which is not a row")
+    if report.select and report.select.kept is not None:
+        if report.select.kept not in grid.rows:
+            fail(f"report.select.kept names {report.select.kept!r}, which is not a row")
+        if not report.select.why:
+            fail(
+                "report.select.kept needs report.select.why: the reason the first-ranked row "
+                "is not the one kept"
+            )
     sides = [s for c in grid.claims for s in (c.better, c.worse)]
     sides += [Side(h.runs, h.head) for h in report.headline]
     for side in sides:

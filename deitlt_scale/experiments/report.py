@@ -166,8 +166,10 @@ class Report:
         """Where the runs' attempts ran, when not all on the reporting machine's CPU: wall times
         and images/s of different CPUs are not comparable."""
         cpus = Counter(c or "not recorded" for r in runs for c in r.get("cpus", [None]))
-        if set(cpus) in ({self.doc["machine"]["cpu"]}, {"not recorded"}):
+        if set(cpus) == {self.doc["machine"]["cpu"]}:
             return ""
+        if set(cpus) == {"not recorded"}:
+            return " The runs did not record their CPU; the machine above is the reporting one."
         spread = "; ".join(f"{cpu}: {n}" for cpu, n in cpus.most_common())
         return f" The attempts ran on more than one CPU (attempts per CPU: {spread})."
 
@@ -243,11 +245,14 @@ class Report:
             "Per row: optimizer steps, wall time of a run (start-up and evaluations included), "
             "training images/s (steps only, data waits included), and on the student's "
             "augmented and mixed batches how often the teacher's label is the image's own "
-            "label, and how often it is one of the labels mixed into it.",
+            "label, and how often it is one of the labels mixed into it. Times and rates compare "
+            "only between runs that had the machine to themselves on the same CPU: cores used "
+            "is the runs' CPU seconds over their wall seconds, near the core count for a run "
+            "alone and lower for one that shared the machine.",
             "",
             _row(["row", "seeds", "steps", "wall min / run", "train images/s",
-                  "teacher = own label", "teacher label in the mix"]),
-            _row(["---"] * 7),
+                  "cores used", "teacher = own label", "teacher label in the mix"]),
+            _row(["---"] * 8),
         ]  # fmt: skip
         for name in [*self.shown_rows(), *(f"teacher {t}" for t in self.doc["teachers"])]:
             if not name.startswith("teacher ") and self.grid["rows"][name]["reuses"]:
@@ -259,7 +264,7 @@ class Report:
             agree = [r["summary"].get("teacher_agreement") for r in runs]
             in_mix = [r["summary"].get("teacher_in_mix") for r in runs]
             lines.append(_row([name, str(len(runs)), steps, _plain(wall, 1), _plain(speed, 0),
-                               cell(agree), cell(in_mix)]))  # fmt: skip
+                               _cores_used(runs), cell(agree), cell(in_mix)]))  # fmt: skip
         return "\n".join(lines)
 
     def selection_table(self) -> str:
@@ -272,12 +277,13 @@ class Report:
             if self.grid["rows"][name]["kind"] == "train" and not math.isnan(mean_std(values)[0]):
                 scores[name] = mean_std(values)[0]
         ranked = sorted(scores, key=lambda r: -scores[r])
-        chosen = ranked[0]
+        kept = select["kept"] or ranked[0]
+        why = f" The recipe keeps row `{kept}`: {select['why']}" if kept != ranked[0] else ""
         lines = [
             "## The choice on the val split",
             "",
             f"Rows ranked by `{metric}` on the val split (mean over seeds): the choice never "
-            "looks at the eval split. The eval columns are reported for the same runs.",
+            f"looks at the eval split. The eval columns are reported for the same runs.{why}",
             "",
             _row(["row", f"val {metric}", f"eval {head} Overall", f"eval {head} Tail",
                   "eval DIST Tail", ""]),
@@ -285,7 +291,7 @@ class Report:
         ]  # fmt: skip
         for name in ranked:
             runs = self.runs(name)
-            mark = "**chosen**" if name == chosen else ""
+            mark = "**kept**" if name == kept else ("ranked first" if name == ranked[0] else "")
             lines.append(_row([name, cell(_values(runs, metric, "val")),
                                cell(_values(runs, key(head, "overall"))),
                                cell(_values(runs, key(head, "tail"))),
@@ -332,10 +338,14 @@ class Report:
         theirs = [r["summary"]["images_per_s"] for r in plain]
         lines += [
             "",
-            f"Training images/s (steps only, data waits included): project {_plain(speed, 0)}, "
-            f"plain loop {_plain(theirs, 0)}; ratio project / plain per seed "
+            f"Training images/s (steps only, data waits included): project {_plain(speed, 0)} "
+            f"(cores used {_cores_used(ours)}), plain loop {_plain(theirs, 0)} (cores used "
+            f"{_cores_used(plain)}); ratio project / plain per seed "
             + ", ".join(f"{r:.2f}x" for r in ratios)
-            + f" (mean {statistics.fmean(ratios):.2f}x).",
+            + f" (mean {statistics.fmean(ratios):.2f}x). The two rows are separate runs of the "
+            "grid, so the ratio holds only where both had the machine to themselves; `deitlt "
+            "bench control --side both` measures both sides in one job on an idle machine "
+            "(docs/benchmarks.md).",
         ]
         return "\n".join(lines)
 
@@ -413,14 +423,24 @@ class Report:
                 f"(tail {cell(_values(runs, key(h['head'], 'tail')))})"
             )
         n = len(self.doc["seeds"])
-        text = f"On {self.doc['dataset']['name']} over {n} seed(s), " + "; ".join(parts) + "."
+        seeds = "one seed" if n == 1 else f"{n} seeds"
+        text = f"On {self.doc['dataset']['name']} over {seeds}, " + "; ".join(parts) + "."
         verdicts = self.verdicts()
         if verdicts:
             counts = {o: sum(v.outcome == o for v in verdicts) for o in
                       ("holds", "fails", "undecided", "one seed")}  # fmt: skip
             told = ", ".join(f"{k} {o}" for o, k in counts.items() if k)
-            text += f" Of the paper's {len(verdicts)} claims tested: {told} (paired 95% intervals)."
+            tested = (
+                "the claim tested" if len(verdicts) == 1 else f"the {len(verdicts)} claims tested"
+            )
+            text += f" Of {tested}: {told} (paired 95% intervals)."
         return text
+
+
+def _cores_used(runs: Sequence[Mapping[str, Any]]) -> str:
+    """The runs' CPU seconds over their wall seconds: how many cores they kept busy."""
+    wall = sum(r["wall_s"] for r in runs)
+    return f"{sum(r['cpu_s'] for r in runs) / wall:.1f}" if wall > 0 else "-"
 
 
 def _row(cells: Sequence[str]) -> str:
