@@ -65,3 +65,15 @@ def test_a_hand_edited_generated_line_is_caught_naming_the_block_and_the_command
         page.write_text(page.read_text().replace(figures, "99.9 ± 0.0", 1))
         problems = report.check_published(docs)
         assert any(str(page) in p and "deitlt experiment report" in p for p in problems)
+
+
+def test_every_relative_link_of_readme_and_docs_names_a_file_that_exists():
+    """A page that links to a result not yet published (or moved) sends readers nowhere."""
+    broken = []
+    for page in [REPO / "README.md", *DOCS.glob("*.md")]:
+        for target in re.findall(r"\]\(([^)\s]+)\)", page.read_text()):
+            if re.match(r"[a-z]+:", target) or target.startswith("#"):
+                continue
+            if not (page.parent / target.split("#", 1)[0]).exists():
+                broken.append(f"{page.relative_to(REPO)}: ({target})")
+    assert not broken, "links to missing files:\n" + "\n".join(broken)
