@@ -78,6 +78,7 @@ def tiny_overrides(teacher: Path, **extra: object) -> tuple[str, ...]:
         "checkpoint.keep_last": 100,  # every checkpoint stays for the assertions
         "eval.every_epochs": 100,  # evaluate once, at the end
         "data.num_threads": 1,
+        "deepspeed.zero_stage": 1,  # the paper recipes': one optimizer-state shard per rank
         "tracking.enabled": "false",  # MLflow across requeues: tests/test_slurm.py
         **extra,
     }

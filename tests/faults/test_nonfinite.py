@@ -56,7 +56,7 @@ def stopped(digits_lt, random_teacher, tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def skipped(digits_lt, random_teacher, tmp_path_factory):
-    """on_nonfinite=skip with checkpoints at steps 5 and 10 (ZeRO stage 1, the recipe's)."""
+    """on_nonfinite=skip with checkpoints at steps 5 and 10 (ZeRO stage 1, the paper recipes')."""
     root = tmp_path_factory.mktemp("skipped")
     extra = {**HUGE_LR, "train.on_nonfinite": "skip", "checkpoint.every_steps": 5}
     done = TrainProcess.start(
