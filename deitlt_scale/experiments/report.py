@@ -429,11 +429,14 @@ class Report:
         if verdicts:
             counts = {o: sum(v.outcome == o for v in verdicts) for o in
                       ("holds", "fails", "undecided", "one seed")}  # fmt: skip
-            told = ", ".join(f"{k} {o}" for o, k in counts.items() if k)
             tested = (
                 "the claim tested" if len(verdicts) == 1 else f"the {len(verdicts)} claims tested"
             )
-            text += f" Of {tested}: {told} (paired 95% intervals)."
+            if counts["one seed"] == len(verdicts):
+                text += f" {tested.capitalize()}: one seed per side, no interval decides yet."
+            else:
+                told = ", ".join(f"{k} {o}" for o, k in counts.items() if k)
+                text += f" Of {tested}: {told} (paired 95% intervals)."
         return text
 
 
