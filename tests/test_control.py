@@ -96,3 +96,12 @@ def test_both_sides_train_and_the_comparison_prints_accuracy_and_the_speed_ratio
     ratio = re.search(r"ratio project/plain images/s: ([0-9.]+)x", done.stdout)
     assert ratio and float(ratio.group(1)) > 0
     assert re.search(r"mean/overall\s+[0-9.]+\s+[0-9.]+\s+[-+][0-9.]+", done.stdout)
+    # The plain side again, alone, with the same seed: the same training, to the last bit.
+    again = subprocess.run([*cmd[:cmd.index("--out")], f"runtime.run_dir={tmp_path / 'again'}",
+                            "--side", "plain"], cwd=REPO, env=env, capture_output=True, text=True,
+                           timeout=900)  # fmt: skip
+    assert again.returncode == 0, again.stdout[-3000:] + again.stderr[-3000:]
+    first, second = (json.loads((d / "train_summary.json").read_text())
+                     for d in (out / "plain", tmp_path / "again"))  # fmt: skip
+    assert first["loss"] == second["loss"]
+    assert json.loads((tmp_path / "again" / "eval" / "latest.json").read_text()) == plain

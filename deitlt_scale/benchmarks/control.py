@@ -423,6 +423,7 @@ def _check_supported(cfg: Any) -> None:
 
 def train_plain(cfg: Any) -> int:
     """Train ``cfg`` with the plain loop into ``runtime.run_dir``; 0, or 75 when stopped."""
+    import numpy as np
     import torch
     from timm.optim import param_groups_weight_decay
     from torch.utils.data import DataLoader
@@ -436,6 +437,9 @@ def train_plain(cfg: Any) -> int:
     num_classes, t, d = meta["num_classes"], cfg.train, cfg.data
     torch.manual_seed(t.seed)
     random.seed(t.seed)
+    # timm's Mixup draws each batch's mixing weight and CutMix box from numpy's global
+    # generator in this process: unseeded, two runs of one seed would train differently.
+    np.random.seed(t.seed)
     model = create_model(cfg, num_classes)
     distilled = cfg.distill.type == "hard"
     if distilled:
@@ -475,7 +479,7 @@ def train_plain(cfg: Any) -> int:
 
     stop: list[int] = []
     previous = signal.signal(signal.SIGTERM, lambda signum, _frame: stop.append(signum))
-    step, images_trained, train_seconds = 0, 0, 0.0
+    step, images_trained, train_seconds, loss_sum = 0, 0, 0.0, 0.0
     agreement = {"teacher_agreement": 0.0, "teacher_in_mix": 0.0}
     try:
         epoch = 0
@@ -511,6 +515,7 @@ def train_plain(cfg: Any) -> int:
                     agreement["teacher_agreement"] += float(own.float().sum())
                     agreement["teacher_in_mix"] += float(mixed.float().sum())
                 images_trained += len(labels)
+                loss_sum += float(loss.detach())
                 step += 1
                 now = time.perf_counter()
                 train_seconds, tick = train_seconds + now - tick, now  # the batch's wait included
@@ -533,6 +538,7 @@ def train_plain(cfg: Any) -> int:
         "train_seconds": round(train_seconds, 3),
         "images_per_s": round(images_trained / max(train_seconds, 1e-9), 2),
         "wall_seconds": round(time.perf_counter() - started, 3),
+        "loss": loss_sum / max(step, 1),
         **({k: v / images_trained for k, v in agreement.items()} if distilled else {}),
     }
     _write_json(run_dir / SUMMARY_FILE, summary)
