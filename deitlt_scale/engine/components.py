@@ -35,9 +35,9 @@ def build_engine(
     if engine.zero_optimization_stage() == 0 and fp32 and engine.dp_world_size == 1:
         # Without ZeRO and mixed precision the optimizer reads each parameter's .grad, and
         # DeepSpeed's gradient all-reduce over a single rank is the identity: flattening every
-        # gradient into a buffer, reducing it over one process and copying it back costs a
-        # small model's step on CPU a tenth (docs/benchmarks.md, "Framework overhead against a
-        # plain loop"). Mixed-precision optimizers keep their own gradient buffers: untouched.
+        # gradient into a buffer, reducing it over one process and copying it back cost the
+        # embedded recipe's CPU step about 4% (docs/benchmarks.md, "Framework overhead against
+        # a plain loop"). Mixed-precision optimizers keep their own gradient buffers: untouched.
         engine.enable_backward_allreduce = False
     return engine
 
