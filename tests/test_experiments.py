@@ -23,6 +23,7 @@ from slurm_cluster import slurm_cluster_fixture  # noqa: F401  (the session's SL
 
 from deitlt_scale.errors import UserError
 from deitlt_scale.experiments import grid as grid_mod
+from deitlt_scale.experiments import publish as publish_mod
 from deitlt_scale.experiments import report as report_mod
 from deitlt_scale.experiments.plan import Options, expand, extend
 from deitlt_scale.strict import ConfigError
@@ -282,23 +283,23 @@ def test_publishing_writes_page_data_and_readme_block_and_a_hand_edit_is_caught(
     doc = _doc(tmp_path, [0.8, 0.82], [0.7, 0.71])
     docs = tmp_path / "docs"
     readme = tmp_path / "README.md"
-    start, _, end = report_mod.readme_block(doc)
+    start, _, end = publish_mod.readme_block(doc)
     readme.write_text(f"# Project\n\nbefore\n{start}\nold figures\n{end}\nafter\n")
-    written = report_mod.publish(doc, docs)
+    written = publish_mod.publish(doc, docs)
     assert docs / "data" / "tiny.json" in written and docs / "tiny.md" in written
     assert (docs / "img" / "tiny" / "rows.png").stat().st_size > 0
     text = readme.read_text()
     assert text.startswith("# Project\n\nbefore\n") and text.endswith("after\n")
     assert "the student scores 81.0 ± 1.4 overall" in text and "old figures" not in text
-    assert report_mod.check_published(docs) == []
+    assert publish_mod.check_published(docs) == []
     page = docs / "tiny.md"
     page.write_text(page.read_text().replace("81.0 ± 1.4", "85.0 ± 1.4", 1))
-    (problem,) = report_mod.check_published(docs)
+    (problem,) = publish_mod.check_published(docs)
     assert str(page) in problem and "deitlt experiment report" in problem
     assert "do not edit it by hand" in problem
-    report_mod.publish(doc, docs)
+    publish_mod.publish(doc, docs)
     readme.write_text(readme.read_text().replace("81.0", "91.0"))
-    (problem,) = report_mod.check_published(docs)
+    (problem,) = publish_mod.check_published(docs)
     assert "README.md" in problem and start in problem
 
 
@@ -389,7 +390,65 @@ def test_the_report_publishes_every_section_from_the_runs(tiny_run) -> None:
     assert student[0]["metrics"]["mean/overall"] == latest["metrics"]["mean/overall"]
     assert student[0]["summary"]["steps"] >= 1 and student[0]["wall_s"] > 0
     assert "| again | mean of logits |" in page  # the reused row shows the student's runs
-    assert report_mod.check_published(docs) == []
+    assert publish_mod.check_published(docs) == []
+
+
+# --------------------------------------------------------------------------------------------
+# Runs taken from another grid's output directory
+
+
+@pytest.fixture(scope="module")
+def reused_run(tiny_run, tmp_path_factory: pytest.TempPathFactory) -> dict:
+    """A second grid run with ``--reuse`` the tiny grid's output: teacher ``ldam``, row
+    ``student`` and its control are the tiny grid's; teacher ``ce`` is not (another lr), so row
+    ``other``, whose configuration is otherwise the tiny grid's, must train again too."""
+    root = tmp_path_factory.mktemp("reuse")
+    tree = {
+        **TINY_GRID, "title": "A grid sharing runs",
+        "teachers": {**TINY_GRID["teachers"], "ce": {
+            "recipe": TEACHER, "overrides": ["distill.teacher_loss=ce", "optim.sam_rho=0",
+                                             "optim.lr=0.05"]}},
+        "rows": {k: TINY_GRID["rows"][k] for k in ("student", "other", "control")},
+        "claims": [], "report": {"page": "shared.md"},
+    }  # fmt: skip
+    grid = write_grid(root / "shared.yaml", tree)
+    out = root / "out"
+    run = deitlt("experiment", "run", str(grid), "--out", str(out), "--seeds", "0", *SHRINK,
+                 "--reuse", str(tiny_run["out"]))  # fmt: skip
+    return {"out": out, "run": run}
+
+
+@pytest.mark.slow
+def test_reuse_copies_the_runs_another_grid_trained_and_trains_the_rest(reused_run, tiny_run):
+    run = reused_run["run"]
+    assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
+    source = tiny_run["out"]
+    for key in ("teachers/ldam-seed0", "rows/student-seed0", "rows/control-seed0"):
+        assert f"{key}: copied from {source / key}" in run.stdout, run.stdout
+    for key in ("teachers/ce-seed0", "rows/other-seed0"):  # another lr; another teacher
+        assert f"{key}: training" in run.stdout, run.stdout
+    copied = reused_run["out"] / "rows" / "student-seed0"
+    state = json.loads((copied / "experiment.json").read_text())
+    assert state["reused_from"] == str(source / "rows" / "student-seed0")
+    assert state["state"] == "done" and [a["exit"] for a in state["attempts"]] == [75, 0]
+    assert f"data.shards={reused_run['out'] / 'data'}" in state["argv"]
+    original = (source / "rows" / "student-seed0" / "eval" / "latest.json").read_text()
+    assert (copied / "eval" / "latest.json").read_text() == original
+
+
+def test_reuse_refuses_a_directory_whose_runs_learned_from_other_data(tmp_path) -> None:
+    from deitlt_scale.experiments.reuse import Reuse
+
+    plans = []
+    for name, data in (("mine", TINY_GRID["data"]), ("theirs", ["digits-lt"])):
+        grid = grid_mod.load(write_grid(tmp_path / f"{name}.yaml", {**TINY_GRID, "data": data}))
+        plan = expand(grid, tmp_path / name, Options())
+        plan.save()
+        plan.data.mkdir(parents=True)
+        (plan.data / "meta.json").write_text('{"num_classes": 10}')
+        plans.append(plan)
+    with pytest.raises(UserError, match=r"--reuse .*theirs: its data is not .*mine's"):
+        Reuse(plans[0], [plans[1].out])
 
 
 # --------------------------------------------------------------------------------------------

@@ -14,7 +14,7 @@ import re
 import shutil
 from pathlib import Path
 
-from deitlt_scale.experiments import report
+from deitlt_scale.experiments import publish, report
 from deitlt_scale.experiments.results import load as load_results
 
 REPO = Path(__file__).resolve().parent.parent
@@ -27,7 +27,7 @@ _spec.loader.exec_module(reliability_table)
 
 
 def test_published_experiment_pages_and_readme_blocks_are_what_their_results_give():
-    problems = report.check_published(DOCS)
+    problems = publish.check_published(DOCS)
     assert not problems, "\n".join(problems)
 
 
@@ -39,9 +39,9 @@ def test_the_fault_table_is_what_the_fault_suites_results_give():
 def test_every_generated_block_is_one_this_module_checks():
     """A marker that says "generated" must belong to a generator checked above."""
     checked = {reliability_table.BEGIN}
-    for data in report.published_results(DOCS):
+    for data in publish.published_results(DOCS):
         name = data.stem
-        checked.add(report.README_START.format(name=name))
+        checked.add(publish.README_START.format(name=name))
         checked.add(report.PAGE_MARK.format(data=f"docs/data/{name}.json"))
     for page in [REPO / "README.md", *DOCS.glob("*.md")]:
         for marker in re.findall(r"<!--[^>]*generated[^>]*-->", page.read_text()):
@@ -59,12 +59,12 @@ def test_a_hand_edited_generated_line_is_caught_naming_the_block_and_the_command
     table.write_text(text.replace(line, line.replace("| pass |", "| **FAIL** |"), 1))
     problem = reliability_table.drift(table, docs / "data" / "faults.json")
     assert problem and reliability_table.BEGIN in problem and "reliability_table.py" in problem
-    for data in report.published_results(docs):
-        page = report.published_paths(load_results(data), docs)["page"]
+    for data in publish.published_results(docs):
+        page = publish.published_paths(load_results(data), docs)["page"]
         # A table cell with a figure (mean ± std over seeds, or one seed's figure).
         figures = re.search(r"\| \d+\.\d( ± \d+\.\d)? \|", page.read_text()).group(0)
         page.write_text(page.read_text().replace(figures, "| 99.9 |", 1))
-        problems = report.check_published(docs)
+        problems = publish.check_published(docs)
         assert any(str(page) in p and "deitlt experiment report" in p for p in problems)
 
 

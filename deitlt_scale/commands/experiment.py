@@ -102,6 +102,15 @@ def _grid_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--teacher-epochs", type=int, default=None, help="the same for the teacher recipes"
     )
+    parser.add_argument(
+        "--reuse",
+        type=Path,
+        action="append",
+        default=[],
+        metavar="OTHER",
+        help="copy a run from OTHER, another grid's output directory, where a complete run there "
+        "trained exactly what it would train (same data, configuration and teacher); repeatable",
+    )
 
 
 def _plan(args: argparse.Namespace):
@@ -143,18 +152,26 @@ def _run(args: argparse.Namespace) -> int:
     plan.save()
     print(f"{plan.grid.name}: {len(selected)} of its {len(plan.runs)} runs, into {plan.out}",
           flush=True)  # fmt: skip
-    return run_plan(plan, selected)
+    return run_plan(plan, selected, args.reuse)
 
 
 def _submit(args: argparse.Namespace) -> int:
     import shlex
 
+    from deitlt_scale.experiments.reuse import Reuse
     from deitlt_scale.experiments.slurm import submit
 
     plan, selected = _plan(args)
     repo = Path(__file__).resolve().parents[2]
     if not args.dry_run:
         plan.save()
+    if args.reuse and args.dry_run:
+        print("--reuse: nothing is copied on a dry run; the runs it would copy are listed too")
+    elif args.reuse:  # copied now, so that only what is left is submitted
+        taker = Reuse(plan, args.reuse)
+        for run in selected:
+            if (source := taker.take(run)) is not None:
+                print(f"{run.key}: copied from {source}", flush=True)
     done = submit(plan, selected, repo, args.max_parallel, args.sbatch, args.dry_run)
     for s in done:
         what = s.name if s.stage == "data" else f"{s.stage}/{s.name} seeds {list(s.seeds)}"
@@ -173,7 +190,7 @@ def _status(args: argparse.Namespace) -> int:
 
 
 def _report(args: argparse.Namespace) -> int:
-    from deitlt_scale.experiments import report, results
+    from deitlt_scale.experiments import publish, report, results
     from deitlt_scale.experiments.plan import read
 
     plan = read(args.out)
@@ -190,7 +207,7 @@ def _report(args: argparse.Namespace) -> int:
     print(page.summary(), flush=True)
     print(f"report: {out / 'page.md'}", flush=True)
     if args.publish is not None:
-        for path in report.publish(doc, args.publish):
+        for path in publish.publish(doc, args.publish):
             print(f"published {path}", flush=True)
     return 0
 

@@ -22,7 +22,8 @@ from typing import Any
 from deitlt_scale.errors import UserError
 from deitlt_scale.experiments.grid import as_tree
 from deitlt_scale.experiments.plan import SUMMARY_FILE, Plan, Run, is_complete
-from deitlt_scale.experiments.runner import RunState, cpu_model, deitlt_command, last_line
+from deitlt_scale.experiments.runner import cpu_model, deitlt_command, last_line
+from deitlt_scale.experiments.state import RunState
 
 FORMAT = "deitlt-experiment-results/1"
 # The eval keys a report reads: every head's overall, mean per-class and paper groups, and a
@@ -55,6 +56,7 @@ def run_record(run: Run) -> dict[str, Any]:
         "load_before": [a.get("load_before") for a in attempts],
         "cpus": [a.get("cpu") for a in attempts],
         "ended": attempts[-1]["ended"] if attempts else "",
+        "reused_from": state.reused_from if state else "",
     }
 
 

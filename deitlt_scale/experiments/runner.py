@@ -1,9 +1,8 @@
 """Running a plan: here, one run after another, or one run per SLURM array element.
 
-Each run keeps its state in ``RUN_DIR/experiment.json`` (:class:`RunState`): its command, the
-digest of the configuration it trains, ``pending | running | done | failed | stopped``, where it
-runs, and every attempt (exit status, wall and CPU seconds, the load average when it started,
-when it ended). A run that is complete (:func:`~deitlt_scale.experiments.plan.is_complete`) is
+Each run keeps its state in ``RUN_DIR/experiment.json`` (:class:`~.state.RunState`), with every
+attempt (exit status, wall and CPU seconds, the load average when it started, when it ended,
+the CPU). A run that is complete (:func:`~deitlt_scale.experiments.plan.is_complete`) is
 skipped; an interrupted one is started again with the same run directory and resumes from its
 newest checkpoint. A run directory trained with another configuration is refused rather than
 mixed into the results.
@@ -15,7 +14,6 @@ reported and the runs that do not depend on it go on; the exit status is then 1.
 
 from __future__ import annotations
 
-import json
 import os
 import platform
 import resource
@@ -24,53 +22,15 @@ import socket
 import subprocess
 import sys
 import time
-from dataclasses import asdict, dataclass, field
+from collections.abc import Sequence
 from pathlib import Path
 
 from deitlt_scale.errors import UserError
-from deitlt_scale.experiments.plan import (
-    STATE_FILE,
-    Plan,
-    Run,
-    config_difference,
-    is_complete,
-    trained_config,
-)
+from deitlt_scale.experiments.plan import Plan, Run, config_difference, is_complete, trained_config
+from deitlt_scale.experiments.reuse import Reuse
+from deitlt_scale.experiments.state import RunState
 
 EXIT_REQUEUE = 75  # a run stopped by a signal after a checkpoint: run again to resume
-
-
-@dataclass
-class RunState:
-    argv: list[str]
-    config: dict | None  # what it trains: the resolved config's dotted keys (trained_config)
-    state: str = "pending"  # running | done | failed | stopped
-    host: str = ""
-    pid: int = 0
-    slurm_job: str = ""
-    error: str = ""  # the last line of the log of a failed attempt
-    attempts: list[dict] = field(default_factory=list)
-
-    @classmethod
-    def read(cls, run: Run) -> RunState | None:
-        path = run.run_dir / STATE_FILE
-        if not path.is_file():
-            return None
-        data = json.loads(path.read_text())
-        data.pop("config_hash", None)  # recorded before the config itself was: not compared
-        data.setdefault("config", None)
-        return cls(**data)
-
-    def write(self, run: Run) -> None:
-        run.run_dir.mkdir(parents=True, exist_ok=True)
-        path = run.run_dir / STATE_FILE
-        tmp = path.with_name(f".{STATE_FILE}.partial")
-        tmp.write_text(json.dumps(asdict(self), indent=1) + "\n")
-        tmp.replace(path)
-
-    @property
-    def wall_s(self) -> float:
-        return sum(a["wall_s"] for a in self.attempts)
 
 
 def _now() -> str:
@@ -219,15 +179,17 @@ def prepare_data(plan: Plan, stop: _Stop | None = None) -> None:
         raise UserError(f"data prepare failed (exit {code}): {last_line(log)}; see {log}")
 
 
-def run_plan(plan: Plan, runs: list[Run] | None = None) -> int:
+def run_plan(plan: Plan, runs: list[Run] | None = None, reuse: Sequence[Path] = ()) -> int:
     """``runs`` (default: every run of ``plan``) in order; 0 when all are complete, 75 when
-    stopped by a signal, 1 when some failed (the others were run)."""
+    stopped by a signal, 1 when some failed (the others were run). A run that a complete run
+    of a ``reuse`` directory trained already is copied from there (:mod:`.reuse`)."""
     runs = plan.runs if runs is None else runs
     stop = _Stop()
     previous = {s: signal.signal(s, stop) for s in (signal.SIGTERM, signal.SIGINT)}
     failed: set[str] = set()
     try:
         prepare_data(plan, stop)
+        taker = Reuse(plan, list(reuse))
         for i, run in enumerate(runs, 1):
             label = f"[{i}/{len(runs)}] {run.key}"
             if stop.requested:
@@ -236,6 +198,10 @@ def run_plan(plan: Plan, runs: list[Run] | None = None) -> int:
             if blocked:
                 print(f"{label}: not started, {blocked[0]} failed", flush=True)
                 failed.add(run.key)
+                continue
+            source = taker.take(run)
+            if source is not None:
+                print(f"{label}: copied from {source}", flush=True)
                 continue
             state = check_configuration(run)
             if is_complete(run):

@@ -6,7 +6,7 @@ import os
 import socket
 
 from deitlt_scale.experiments.plan import Plan, Run, is_complete
-from deitlt_scale.experiments.runner import RunState
+from deitlt_scale.experiments.state import RunState
 
 
 def run_status(run: Run) -> tuple[str, RunState | None]:
@@ -28,9 +28,9 @@ def run_status(run: Run) -> tuple[str, RunState | None]:
 
 
 def status_table(plan: Plan) -> str:
-    """One line per run: key, status, attempts, recorded wall seconds, and for a failed run the
-    last line of its log; then the count per status."""
-    lines = [f"{'run':<34}{'status':<13}{'attempts':>9}{'wall s':>9}  last error"]
+    """One line per run: key, status, attempts, recorded wall seconds, and a note: for a failed
+    run the last line of its log, for a copied one where from; then the count per status."""
+    lines = [f"{'run':<34}{'status':<13}{'attempts':>9}{'wall s':>9}  note"]
     counts: dict[str, int] = {}
     for run in plan.runs:
         status, state = run_status(run)
@@ -38,7 +38,9 @@ def status_table(plan: Plan) -> str:
         attempts = len(state.attempts) if state else 0
         wall = f"{state.wall_s:.0f}" if state else "-"
         where = f" ({state.slurm_job or state.host})" if status == "running" and state else ""
-        error = state.error if state and status == "failed" else ""
-        lines.append(f"{run.key:<34}{status + where:<13}{attempts:>9}{wall:>9}  {error}".rstrip())
+        note = state.error if state and status == "failed" else ""
+        if state and state.reused_from and status == "done":
+            note = f"copied from {state.reused_from}"
+        lines.append(f"{run.key:<34}{status + where:<13}{attempts:>9}{wall:>9}  {note}".rstrip())
     lines.append(", ".join(f"{n} {s}" for s, n in sorted(counts.items())))
     return "\n".join(lines)
