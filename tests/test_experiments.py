@@ -205,6 +205,33 @@ def test_a_run_is_refused_when_what_it_trains_changed_but_not_for_a_new_setting_
     )
 
 
+def test_status_estimates_the_time_left_from_the_done_runs_of_each_row(tmp_path) -> None:
+    from deitlt_scale.experiments.state import RunState
+    from deitlt_scale.experiments.status import time_left
+
+    grid = grid_mod.load(write_grid(tmp_path / "tiny.yaml", TINY_GRID))
+    plan = expand(grid, tmp_path / "out", Options(only=("student", "other")))
+    runs = plan.by_key()
+    assert time_left(plan).endswith("no done run of their stage to estimate from")
+
+    def finish(key: str, wall_s: float) -> None:
+        run = runs[key]
+        for name in ("train_summary.json", "eval/latest.json"):
+            (run.run_dir / name).parent.mkdir(parents=True, exist_ok=True)
+            (run.run_dir / name).write_text("{}")
+        (run.run_dir / "teacher").mkdir()
+        RunState(list(run.argv), None, "done", attempts=[{"wall_s": wall_s}]).write(run)
+
+    for key, wall in [("teachers/ldam-seed0", 60), ("teachers/ldam-seed1", 120),
+                      ("teachers/ce-seed0", 30), ("rows/student-seed0", 600)]:  # fmt: skip
+        finish(key, wall)
+    # ce-seed1 30 s; student-seed1 600 s; other-seed0, -seed1 600 s each (their stage's median)
+    assert time_left(plan) == (
+        "4 runs not done: about 0 h 30 min here (the median wall time of the done runs of each "
+        "row; 2 of them from their stage's, as none of their row is done)"
+    )
+
+
 # --------------------------------------------------------------------------------------------
 # The report, from a results document
 

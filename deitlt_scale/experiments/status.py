@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import socket
+import statistics
 
 from deitlt_scale.experiments.plan import Plan, Run, is_complete
 from deitlt_scale.experiments.state import RunState
@@ -43,4 +44,39 @@ def status_table(plan: Plan) -> str:
             note = f"copied from {state.reused_from}"
         lines.append(f"{run.key:<34}{status + where:<13}{attempts:>9}{wall:>9}  {note}".rstrip())
     lines.append(", ".join(f"{n} {s}" for s, n in sorted(counts.items())))
+    left = time_left(plan)
+    if left:
+        lines.append(left)
     return "\n".join(lines)
+
+
+def time_left(plan: Plan) -> str:
+    """About how long the runs not done will take here, one after another: each the median wall
+    time of its row's done runs, or of its stage's when none of its row is done. Empty when
+    everything is done or nothing is to go by."""
+    done: dict[tuple[str, str], list[float]] = {}
+    todo: list[Run] = []
+    for run in plan.runs:
+        status, state = run_status(run)
+        if status == "done" and state is not None and state.attempts:
+            done.setdefault((run.stage, run.name), []).append(state.wall_s)
+        elif status != "done":
+            todo.append(run)
+    if not todo:
+        return ""
+    per_stage = {
+        stage: [w for (s, _), walls in done.items() if s == stage for w in walls]
+        for stage in ("teachers", "rows")
+    }
+    seconds, guessed = 0.0, 0
+    for run in todo:
+        walls = done.get((run.stage, run.name)) or per_stage[run.stage]
+        if not walls:
+            return f"{len(todo)} runs not done; no done run of their stage to estimate from"
+        guessed += (run.stage, run.name) not in done
+        seconds += statistics.median(walls)
+    hours, minutes = divmod(round(seconds / 60), 60)
+    basis = "the median wall time of the done runs of each row"
+    if guessed:
+        basis += f"; {guessed} of them from their stage's, as none of their row is done"
+    return f"{len(todo)} runs not done: about {hours} h {minutes:02d} min here ({basis})"
