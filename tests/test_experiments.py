@@ -306,6 +306,17 @@ def test_a_claim_is_decided_by_the_paired_interval(tmp_path, better, worse, verd
         assert math.isclose(v.mean, 100 * (sum(better) - sum(worse)) / len(better))
 
 
+def test_a_claim_that_does_not_hold_is_explained_under_the_table(tmp_path) -> None:
+    fails, holds = ([0.7, 0.71, 0.69], [0.8, 0.82, 0.81]), ([0.8, 0.82, 0.81], [0.7, 0.71, 0.69])
+    page = report_mod.Report(_doc(tmp_path, *fails)).page()
+    assert "* *the student beats the other* (fails): not explained yet." in page
+    doc = _doc(tmp_path, *fails)
+    doc["grid"]["claims"][0]["why"] = "the other row's teacher is better (table Teachers)."
+    page = report_mod.Report(doc).page()
+    assert "(fails): the other row's teacher is better (table Teachers)." in page
+    assert "Where a claim does not hold" not in report_mod.Report(_doc(tmp_path, *holds)).page()
+
+
 def test_publishing_writes_page_data_and_readme_block_and_a_hand_edit_is_caught(tmp_path) -> None:
     doc = _doc(tmp_path, [0.8, 0.82], [0.7, 0.71])
     docs = tmp_path / "docs"

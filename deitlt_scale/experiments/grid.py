@@ -93,6 +93,9 @@ class ClaimSpec:
     source: str
     better: Side
     worse: Side
+    # Where the claim does not hold here, why, from measurements the page shows (printed under
+    # the claims table; a claim that holds does not print it).
+    why: str = ""
 
 
 @dataclass(frozen=True)

@@ -129,6 +129,7 @@ class Report:
                 "",
                 claims_markdown(verdicts, self.per_seed()),
                 "",
+                *self.claims_not_holding(verdicts),
             ]
         if "heads" in self.doc:
             parts += [self.heads_section(), ""]
@@ -139,6 +140,18 @@ class Report:
             row = self.spec["per_class_row"]
             parts += [f"![Per-class accuracy of row {row}]({images}/{row}_per_class.png)", ""]
         return "\n".join(parts).rstrip() + "\n"
+
+    def claims_not_holding(self, verdicts: list[Verdict]) -> list[str]:
+        """Under the claims table: why each claim that fails or is undecided does so here (the
+        grid's ``why``), or that nobody has explained it yet."""
+        why = {c["statement"]: c.get("why", "") for c in self.grid["claims"]}
+        lines = [
+            f"* *{v.claim.statement}* ({v.outcome}): "
+            + (why[v.claim.statement].strip() or "not explained yet.")
+            for v in verdicts
+            if v.outcome in ("fails", "undecided")
+        ]
+        return ["Where a claim does not hold here:", "", *lines, ""] if lines else []
 
     def provenance(self) -> list[str]:
         m = self.doc["machine"]
