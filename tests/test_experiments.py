@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -453,7 +454,14 @@ def reused_run(tiny_run, tmp_path_factory: pytest.TempPathFactory) -> dict:
     out = root / "out"
     run = deitlt("experiment", "run", str(grid), "--out", str(out), "--seeds", "0", *SHRINK,
                  "--reuse", str(tiny_run["out"]))  # fmt: skip
-    return {"out": out, "run": run}
+    # Copies of copies: row student, from the second grid's copies of the tiny grid's runs.
+    again = deitlt("experiment", "run", str(grid), "--out", str(root / "again"), "--seeds", "0",
+                   "--only", "student", *SHRINK, "--reuse", str(out))  # fmt: skip
+    # Run again after its teacher was copied (in the first process): the student is a copy too.
+    shutil.rmtree(root / "again" / "rows" / "student-seed0")
+    restart = deitlt("experiment", "run", str(grid), "--out", str(root / "again"), "--seeds", "0",
+                     "--only", "student", *SHRINK, "--reuse", str(out))  # fmt: skip
+    return {"out": out, "run": run, "again": again, "restart": restart}
 
 
 @pytest.mark.slow
@@ -472,6 +480,13 @@ def test_reuse_copies_the_runs_another_grid_trained_and_trains_the_rest(reused_r
     assert f"data.shards={reused_run['out'] / 'data'}" in state["argv"]
     original = (source / "rows" / "student-seed0" / "eval" / "latest.json").read_text()
     assert (copied / "eval" / "latest.json").read_text() == original
+    again = reused_run["again"]
+    assert again.returncode == 0, again.stdout[-3000:] + again.stderr[-3000:]
+    assert "training" not in again.stdout, again.stdout
+    assert again.stdout.count("copied from") == 2
+    restart = reused_run["restart"]
+    assert restart.returncode == 0, restart.stdout[-3000:] + restart.stderr[-3000:]
+    assert "rows/student-seed0: copied from" in restart.stdout, restart.stdout
 
 
 def test_reuse_refuses_a_directory_whose_runs_learned_from_other_data(tmp_path) -> None:

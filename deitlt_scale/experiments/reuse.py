@@ -10,8 +10,9 @@ what ``OUT``'s run would train:
 * the recorded configuration of the complete run in ``OTHER``, with ``OTHER``'s directory written
   as ``OUT``'s, equals the run's configuration now (:func:`~.plan.config_difference`: paths to
   the data and to the teacher included);
-* every run it needs (its teacher, the run it starts from) was itself taken from that same run
-  of ``OTHER``; a teacher trained again is another teacher, even with the same configuration.
+* every run it needs (its teacher, the run it starts from) is a copy of the run the source
+  needed, or of the run that one was copied from; a teacher trained again is another teacher,
+  even with the same configuration.
 
 The copy keeps the source's attempts (what the result cost) and records where it came from
 (``RunState.reused_from``). A run that has any state of its own is never replaced.
@@ -36,7 +37,7 @@ from deitlt_scale.experiments.plan import (
     read,
 )
 from deitlt_scale.experiments.plan import trained_config as current_config
-from deitlt_scale.experiments.state import RunState
+from deitlt_scale.experiments.state import RunState, origin
 from deitlt_scale.strict import ConfigError
 
 
@@ -46,7 +47,6 @@ class Reuse:
     def __init__(self, plan: Plan, sources: list[Path]) -> None:
         self.plan = plan
         self.sources = [read(source) for source in sources]
-        self.taken: dict[str, Path] = {}  # run key in plan -> the source run directory
         for other in self.sources:
             _check_same_data(plan, other)
 
@@ -72,17 +72,18 @@ class Reuse:
                 ):
                     continue
                 _copy(candidate, run, recorded, current)
-                self.taken[run.key] = candidate.run_dir
                 return candidate.run_dir
         return None
 
     def _needs_taken_from(self, run: Run, candidate: Run, other: Plan) -> bool:
+        """Whether each run ``run`` needs is a copy of the one ``candidate`` needed (both
+        traced back through their copies to the run that trained it)."""
         if len(run.needs) != len(candidate.needs):
             return False
-        sources = other.by_key()
+        mine, theirs = self.plan.by_key(), other.by_key()
         return all(
-            self.taken.get(mine) == sources[theirs].run_dir
-            for mine, theirs in zip(run.needs, candidate.needs, strict=True)
+            origin(mine[a].run_dir) == origin(theirs[b].run_dir)
+            for a, b in zip(run.needs, candidate.needs, strict=True)
         )
 
 

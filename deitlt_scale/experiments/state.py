@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 from dataclasses import asdict, dataclass, field
+from pathlib import Path
 
 from deitlt_scale.experiments.plan import STATE_FILE, Run
 
@@ -42,3 +43,11 @@ class RunState:
     @property
     def wall_s(self) -> float:
         return sum(a["wall_s"] for a in self.attempts)
+
+
+def origin(run_dir: Path) -> Path:
+    """The run directory that trained what ``run_dir`` holds: itself, or where it was copied
+    from, followed through copies of copies."""
+    path = run_dir / STATE_FILE
+    copied_from = json.loads(path.read_text()).get("reused_from") if path.is_file() else ""
+    return origin(Path(copied_from)) if copied_from else run_dir
