@@ -233,6 +233,45 @@ def test_status_estimates_the_time_left_from_the_done_runs_of_each_row(tmp_path)
     )
 
 
+def test_a_partial_report_shows_the_rows_whose_every_seed_is_done_and_is_never_published(
+    tmp_path,
+) -> None:
+    from deitlt_scale.experiments import results
+    from deitlt_scale.experiments.state import RunState
+
+    tree = {**TINY_GRID, "report": {"sections": ["S", "T"], "page": "tiny.md",
+                                    "headline": TINY_GRID["report"]["headline"]}}  # fmt: skip
+    grid = grid_mod.load(write_grid(tmp_path / "tiny.yaml", tree))
+    plan = expand(grid, tmp_path / "out", Options(only=("student", "other")))
+    plan.data.mkdir(parents=True)
+    meta = {"dataset": "digits-lt", "train_counts": [3, 2, 1], "groups": {"paper": [0, 1, 2]},
+            "splits": ["train", "eval"]}  # fmt: skip
+    (plan.data / "meta.json").write_text(json.dumps(meta))
+    metrics = {f"{h}/{k}": 0.5 for h in ("cls", "dist", "mean", "teacher")
+               for k in ("overall", "paper/head", "paper/mid", "paper/tail")}  # fmt: skip
+    done = [k for k in plan.by_key() if k != "rows/other-seed1"]
+    for run in (plan.by_key()[k] for k in done):
+        (run.run_dir / "eval").mkdir(parents=True)
+        (run.run_dir / "eval" / "latest.json").write_text(
+            json.dumps({"step": 4, "metrics": metrics})
+        )
+        (run.run_dir / "train_summary.json").write_text("{}")
+        (run.run_dir / "teacher").mkdir()
+        attempt = {"wall_s": 60.0, "cpu_s": 90.0, "ended": "2026-12-07T00:00:00Z", "exit": 0}
+        RunState(list(run.argv), None, "done", attempts=[attempt]).write(run)
+    with pytest.raises(UserError, match="rows/other-seed1 not complete.*report --partial"):
+        results.collect(plan, "cmd")
+    doc = results.collect(plan, "cmd", partial=True)
+    assert list(doc["rows"]) == ["student"] and set(doc["teachers"]) == {"ldam", "ce"}
+    assert doc["partial"] == {"complete": 7, "runs": 8, "left_out": ["rows/other"]}
+    page = report_mod.Report(doc).page()
+    assert "**Partial**: 7 of the grid's 8 runs are complete; left out until all their seeds " \
+           "are: rows/other." in page  # fmt: skip
+    assert "| student | mean of logits | 50.0 ± 0.0 |" in page
+    with pytest.raises(UserError, match="a partial report is not published"):
+        publish_mod.publish(doc, tmp_path / "docs")
+
+
 # --------------------------------------------------------------------------------------------
 # The report, from a results document
 

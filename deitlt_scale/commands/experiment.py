@@ -69,6 +69,12 @@ def register(parser: argparse.ArgumentParser) -> None:
     report.add_argument(
         "--publish", type=Path, default=None, metavar="DOCS", help="the docs folder to publish to"
     )
+    report.add_argument(
+        "--partial",
+        action="store_true",
+        help="report a grid still running: the teachers and rows whose every seed is complete "
+        "(not publishable)",
+    )
     report.set_defaults(_action=_report)
 
     element = sub.add_parser(
@@ -197,7 +203,13 @@ def _report(args: argparse.Namespace) -> int:
     command = plan.command
     if args.publish is not None:
         command += f"; then {_typed()}"
-    doc = results.collect(plan, command)
+    if args.partial and args.publish is not None:
+        from deitlt_scale.errors import UserError
+
+        raise UserError(
+            "--partial and --publish do not go together: a partial report is not published"
+        )
+    doc = results.collect(plan, command, partial=args.partial)
     out = plan.out / "report"
     results.save(doc, out / "results.json")
     page = report.Report(doc)

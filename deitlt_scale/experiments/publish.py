@@ -9,6 +9,7 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
+from deitlt_scale.errors import UserError
 from deitlt_scale.experiments.report import Report, write_plots
 from deitlt_scale.experiments.results import FORMAT, load, save
 
@@ -36,6 +37,11 @@ def readme_block(doc: Mapping[str, Any]) -> tuple[str, str, str]:
 def publish(doc: dict[str, Any], docs: Path) -> list[Path]:
     """Write the results file, the page, its plots and (where the README holds the grid's
     markers) the README summary; returns the files written."""
+    if "partial" in doc:
+        raise UserError(
+            "a partial report is not published: finish the grid (`deitlt experiment run` with "
+            "the same arguments resumes it), then report without --partial"
+        )
     paths = published_paths(doc, docs)
     written = [save(doc, paths["data"])]
     images = Path("img") / doc["grid"]["name"]

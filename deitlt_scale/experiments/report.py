@@ -103,6 +103,8 @@ class Report:
         if self.grid["intro"]:
             parts += [self.grid["intro"].strip(), ""]
         parts += [*self.provenance(), ""]
+        if "partial" in self.doc:
+            parts += [self.partial(), ""]
         parts += [self.convention(), ""]
         for section in self.sections():
             if any(self.grid["rows"][r]["section"] == section for r in self.shown_rows()):
@@ -111,7 +113,8 @@ class Report:
             parts += [self.teachers_table(), ""]
         parts += [self.cost_table(), ""]
         for name in self.shown_rows():
-            if self.grid["rows"][name]["controls"]:
+            controlled = self.grid["rows"][name]["controls"]
+            if controlled and self.runs(controlled):
                 parts += [self.control_section(name), ""]
         if self.spec.get("select"):
             parts += [self.selection_table(), ""]
@@ -135,11 +138,20 @@ class Report:
             parts += [self.heads_section(), ""]
         if "checkpoints" in self.doc:
             parts += [self.checkpoints_section(), ""]
-        parts += [f"![Overall/Head/Mid/Tail per row]({images}/rows.png)", ""]
+        if any(heads_of(self.runs(r)) for r in self.shown_rows()):  # see write_plots
+            parts += [f"![Overall/Head/Mid/Tail per row]({images}/rows.png)", ""]
         if "per_class" in self.doc:
             row = self.spec["per_class_row"]
             parts += [f"![Per-class accuracy of row {row}]({images}/{row}_per_class.png)", ""]
         return "\n".join(parts).rstrip() + "\n"
+
+    def partial(self) -> str:
+        p = self.doc["partial"]
+        return (
+            f"**Partial**: {p['complete']} of the grid's {p['runs']} runs are complete; left "
+            f"out until all their seeds are: {', '.join(p['left_out']) or 'none'}. The grid is "
+            "still running: these figures are not published."
+        )
 
     def claims_not_holding(self, verdicts: list[Verdict]) -> list[str]:
         """Under the claims table: why each claim that fails or is undecided does so here (the
@@ -438,13 +450,16 @@ class Report:
         parts = []
         for h in self.spec["headline"]:
             runs = self.runs(h["runs"])
+            if not runs:  # a partial report
+                continue
             parts.append(
                 f"{h['label']} scores {cell(_values(runs, key(h['head'], 'overall')))} overall "
                 f"(tail {cell(_values(runs, key(h['head'], 'tail')))})"
             )
         n = len(self.doc["seeds"])
         seeds = "one seed" if n == 1 else f"{n} seeds"
-        text = f"On {self.doc['dataset']['name']} over {seeds}, " + "; ".join(parts) + "."
+        text = f"On {self.doc['dataset']['name']} over {seeds}"
+        text += (", " + "; ".join(parts) + ".") if parts else ": no headline row is complete yet."
         verdicts = self.verdicts()
         if verdicts:
             counts = {o: sum(v.outcome == o for v in verdicts) for o in
@@ -497,12 +512,14 @@ def write_plots(doc: Mapping[str, Any], folder: Path) -> list[Path]:
     bars = {}
     for name in report.shown_rows():
         runs = report.runs(name)
-        if not heads_of(runs):  # pre-training: no accuracy to draw
+        if not heads_of(runs):  # pre-training: no accuracy to draw (and the page links no plot)
             continue
         head = heads_of(runs)[-1]
         bars[f"{name} ({head})"] = {g: mean_std(_values(runs, key(head, g))) for g in GROUPS}
-    written = [folder / "rows.png"]
-    save_figure(plot_group_bars(bars, "Paper groups, mean ± sample std over seeds"), written[0])
+    written = []
+    if bars:  # none in a partial report before the first row is complete
+        written.append(folder / "rows.png")
+        save_figure(plot_group_bars(bars, "Paper groups, mean ± sample std over seeds"), written[0])
     if "per_class" in doc:
         row = report.spec["per_class_row"]
         seeds = doc["per_class"]

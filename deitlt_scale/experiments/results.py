@@ -60,16 +60,19 @@ def run_record(run: Run) -> dict[str, Any]:
     }
 
 
-def collect(plan: Plan, command: str) -> dict[str, Any]:
+def collect(plan: Plan, command: str, partial: bool = False) -> dict[str, Any]:
     """The results document of ``plan``; every run must be complete (runs the post-hoc
-    evaluation of the heads row once per seed, cached in its run directory)."""
+    evaluation of the heads row once per seed, cached in its run directory). ``partial``: the
+    teachers and rows whose every run is complete, the others left out and named in
+    ``doc["partial"]`` (a grid still running; never published)."""
     missing = [r.key for r in plan.runs if not is_complete(r)]
-    if missing:
+    if missing and not partial:
         more = f" and {len(missing) - 1} more" if len(missing) > 1 else ""
         raise UserError(
             f"{plan.out}: {missing[0]}{more} not complete; `deitlt experiment status "
-            f"{plan.out}` says where each run stands"
+            f"{plan.out}` says where each run stands (`report --partial` shows what is done)"
         )
+    unfinished = {(r.stage, r.name) for r in plan.runs if r.key in set(missing)}
     grid = plan.grid
     meta = json.loads((plan.data / "meta.json").read_text())
     doc: dict[str, Any] = {
@@ -93,8 +96,14 @@ def collect(plan: Plan, command: str) -> dict[str, Any]:
     for stage, names in (("teachers", grid.teachers), ("rows", grid.rows)):
         for name in names:
             runs = plan.runs_of(stage, name)
-            if runs:
+            if runs and (stage, name) not in unfinished:
                 doc[stage][name] = [run_record(r) for r in runs]
+    if partial:
+        doc["partial"] = {
+            "complete": len(plan.runs) - len(missing),
+            "runs": len(plan.runs),
+            "left_out": [f"{stage}/{name}" for stage, name in sorted(unfinished)],
+        }
     report = grid.report
     if report.heads_row and _trained(grid, report.heads_row) in doc["rows"]:
         doc["heads"] = heads_record(plan.runs_of("rows", _trained(grid, report.heads_row)))
