@@ -208,12 +208,14 @@ def test_a_run_is_refused_when_what_it_trains_changed_but_not_for_a_new_setting_
 
 def test_status_estimates_the_time_left_from_the_done_runs_of_each_row(tmp_path) -> None:
     from deitlt_scale.experiments.state import RunState
-    from deitlt_scale.experiments.status import time_left
+    from deitlt_scale.experiments.status import run_status, time_left
 
     grid = grid_mod.load(write_grid(tmp_path / "tiny.yaml", TINY_GRID))
     plan = expand(grid, tmp_path / "out", Options(only=("student", "other")))
     runs = plan.by_key()
-    assert time_left(plan).endswith("no done run of their stage to estimate from")
+    assert time_left([(r, *run_status(r)) for r in plan.runs]).endswith(
+        "no done run of their stage to estimate from"
+    )
 
     def finish(key: str, wall_s: float) -> None:
         run = runs[key]
@@ -227,7 +229,7 @@ def test_status_estimates_the_time_left_from_the_done_runs_of_each_row(tmp_path)
                       ("teachers/ce-seed0", 30), ("rows/student-seed0", 600)]:  # fmt: skip
         finish(key, wall)
     # ce-seed1 30 s; student-seed1 600 s; other-seed0, -seed1 600 s each (their stage's median)
-    assert time_left(plan) == (
+    assert time_left([(r, *run_status(r)) for r in plan.runs]) == (
         "4 runs not done: about 0 h 30 min here (the median wall time of the done runs of each "
         "row; 2 of them from their stage's, as none of their row is done)"
     )

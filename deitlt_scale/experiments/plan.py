@@ -20,7 +20,7 @@ from __future__ import annotations
 import json
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 
 import yaml
 
@@ -254,12 +254,19 @@ def last_wins(overrides: list[str]) -> list[str]:
 UNTRAINED_SECTIONS = ("runtime", "tracking", "checkpoint")
 
 
+def trained_keys(cfg: Any) -> dict:
+    """What ``cfg`` trains: its dotted keys, without where it writes."""
+    from deitlt_scale import config as config_mod
+
+    flat = config_mod.flatten(cfg)
+    return {k: v for k, v in flat.items() if k.split(".")[0] not in UNTRAINED_SECTIONS}
+
+
 def trained_config(run: Run) -> dict:
     """What the run trains: its resolved configuration, dotted keys, without where it writes."""
     from deitlt_scale import config as config_mod
 
-    flat = config_mod.flatten(config_mod.load(run.recipe, list(run.overrides)))
-    return {k: v for k, v in flat.items() if k.split(".")[0] not in UNTRAINED_SECTIONS}
+    return trained_keys(config_mod.load(run.recipe, list(run.overrides)))
 
 
 def config_difference(recorded: dict, current: dict) -> str | None:
@@ -268,10 +275,7 @@ def config_difference(recorded: dict, current: dict) -> str | None:
     added to the project later, at its default, trains the same run."""
     from deitlt_scale import config as config_mod
 
-    defaults = {
-        k: v for k, v in config_mod.flatten(config_mod.Config()).items()
-        if k.split(".")[0] not in UNTRAINED_SECTIONS
-    }  # fmt: skip
+    defaults = trained_keys(config_mod.Config())
     for key, value in current.items():
         was = recorded.get(key, defaults.get(key))
         if key not in recorded and value == defaults.get(key):

@@ -72,7 +72,7 @@ def collect(plan: Plan, command: str, partial: bool = False) -> dict[str, Any]:
             f"{plan.out}: {missing[0]}{more} not complete; `deitlt experiment status "
             f"{plan.out}` says where each run stands (`report --partial` shows what is done)"
         )
-    unfinished = {(r.stage, r.name) for r in plan.runs if r.key in set(missing)}
+    unfinished = {(r.stage, r.name) for r in plan.runs if not is_complete(r)}
     grid = plan.grid
     meta = json.loads((plan.data / "meta.json").read_text())
     doc: dict[str, Any] = {

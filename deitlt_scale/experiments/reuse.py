@@ -29,12 +29,12 @@ import yaml
 
 from deitlt_scale.errors import UserError
 from deitlt_scale.experiments.plan import (
-    UNTRAINED_SECTIONS,
     Plan,
     Run,
     config_difference,
     is_complete,
     read,
+    trained_keys,
 )
 from deitlt_scale.experiments.plan import trained_config as current_config
 from deitlt_scale.experiments.state import RunState, origin
@@ -45,8 +45,9 @@ class Reuse:
     """The complete runs of ``sources`` that runs of ``plan`` may take (:meth:`take`)."""
 
     def __init__(self, plan: Plan, sources: list[Path]) -> None:
-        self.plan = plan
+        self.plan, self.runs = plan, plan.by_key()
         self.sources = [read(source) for source in sources]
+        self.source_runs = {other.out: other.by_key() for other in self.sources}
         for other in self.sources:
             _check_same_data(plan, other)
 
@@ -80,9 +81,9 @@ class Reuse:
         traced back through their copies to the run that trained it)."""
         if len(run.needs) != len(candidate.needs):
             return False
-        mine, theirs = self.plan.by_key(), other.by_key()
+        theirs = self.source_runs[other.out]
         return all(
-            origin(mine[a].run_dir) == origin(theirs[b].run_dir)
+            origin(self.runs[a].run_dir) == origin(theirs[b].run_dir)
             for a, b in zip(run.needs, candidate.needs, strict=True)
         )
 
@@ -115,10 +116,9 @@ def _written_config(run: Run) -> dict | None:
     if not path.is_file():
         return None
     try:
-        flat = config_mod.flatten(config_mod.from_dict(yaml.safe_load(path.read_text())))
+        return trained_keys(config_mod.from_dict(yaml.safe_load(path.read_text())))
     except (ConfigError, TypeError, ValueError):
         return None
-    return {k: v for k, v in flat.items() if k.split(".")[0] not in UNTRAINED_SECTIONS}
 
 
 def _moved(config: dict, old: Path, new: Path) -> dict:

@@ -33,8 +33,8 @@ def status_table(plan: Plan) -> str:
     run the last line of its log, for a copied one where from; then the count per status."""
     lines = [f"{'run':<34}{'status':<13}{'attempts':>9}{'wall s':>9}  note"]
     counts: dict[str, int] = {}
-    for run in plan.runs:
-        status, state = run_status(run)
+    statuses = [(run, *run_status(run)) for run in plan.runs]
+    for run, status, state in statuses:
         counts[status] = counts.get(status, 0) + 1
         attempts = len(state.attempts) if state else 0
         wall = f"{state.wall_s:.0f}" if state else "-"
@@ -44,20 +44,19 @@ def status_table(plan: Plan) -> str:
             note = f"copied from {state.reused_from}"
         lines.append(f"{run.key:<34}{status + where:<13}{attempts:>9}{wall:>9}  {note}".rstrip())
     lines.append(", ".join(f"{n} {s}" for s, n in sorted(counts.items())))
-    left = time_left(plan)
+    left = time_left(statuses)
     if left:
         lines.append(left)
     return "\n".join(lines)
 
 
-def time_left(plan: Plan) -> str:
+def time_left(statuses: list[tuple[Run, str, RunState | None]]) -> str:
     """About how long the runs not done will take here, one after another: each the median wall
     time of its row's done runs, or of its stage's when none of its row is done. Empty when
-    everything is done or nothing is to go by."""
+    everything is done or nothing is to go by. ``statuses``: (run, :func:`run_status`) of each."""
     done: dict[tuple[str, str], list[float]] = {}
     todo: list[Run] = []
-    for run in plan.runs:
-        status, state = run_status(run)
+    for run, status, state in statuses:
         if status == "done" and state is not None and state.attempts:
             done.setdefault((run.stage, run.name), []).append(state.wall_s)
         elif status != "done":
