@@ -219,6 +219,16 @@ def test_killed_runs_resume_to_the_same_final_weights(digits_lt, random_teacher,
     assert want.keys() == got.keys()
     for key in want:
         assert torch.equal(want[key], got[key]), key
+    # The summary covers all four attempts, as the clean run's covers its one: each checkpoint
+    # carried the sums, so steps, images and every mean train metric are the clean run's.
+    timed = ("train_seconds", "images_per_s")
+    want, got = (
+        {k: v for k, v in json.loads((d / "train_summary.json").read_text()).items()
+         if k not in timed}
+        for d in (tmp_path / "clean", run_dir)
+    )  # fmt: skip
+    assert got == want
+    assert "teacher_agreement" in got
 
 
 def test_compiled_student_trains(digits_lt, random_teacher, tmp_path):

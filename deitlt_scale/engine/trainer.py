@@ -13,7 +13,7 @@ import math
 import signal
 import sys
 import time
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -33,7 +33,8 @@ from deitlt_scale.tracking.writer import MetricWriter
 
 EXIT_REQUEUE = 75  # stopped by a signal after a complete checkpoint: requeue and resume
 EXIT_NONFINITE = 3
-# RUN_DIR/train_summary.json: the finished attempt's training throughput and mean train metrics
+# RUN_DIR/train_summary.json: the finished run's training throughput and mean train metrics, over
+# every attempt (each checkpoint carries the sums so far: StepWindow.totals)
 SUMMARY_FILE = "train_summary.json"
 
 
@@ -69,6 +70,7 @@ class Trainer:
         self._flags_pending: tuple[torch.Tensor, Any] | None = None
         self._step_skipped = False
         self.window: StepWindow | None = None  # created by the first train_step
+        self._carried: dict[str, Any] | None = None  # the resumed checkpoint's StepWindow.totals
 
     # ---------------------------------------------------------------- build
     def build(self, with_data: bool = True) -> Trainer:
@@ -148,9 +150,11 @@ class Trainer:
                     self._save(epoch)
             self._end_of_epoch(epoch)
         self.finish_steps()
-        if self.world.is_main and self.window is not None:
-            summary = self.window.summary(self.world.world_size)
-            write_json_atomic(self.run_dir / SUMMARY_FILE, summary)
+        window = self.window
+        if window is None and self._carried:  # resumed after its last step: the saved sums
+            window = StepWindow(self.world.device, carried=self._carried)
+        if self.world.is_main and window is not None:
+            write_json_atomic(self.run_dir / SUMMARY_FILE, window.summary(self.world.world_size))
         return 0
 
     def finish_steps(self) -> None:
@@ -162,7 +166,7 @@ class Trainer:
         """One optimizer step over its micro-batches (``grad_accum``, fewer in an epoch's last
         step: :meth:`Steps.micro_batches_in_step`); True when a stop was requested."""
         if self.window is None:
-            self.window = StepWindow(self.world.device)
+            self.window = StepWindow(self.world.device, carried=self._carried)
         step, window = self.state.step, self.window
         started = time.perf_counter()
         self._set_lr(step)
@@ -379,6 +383,8 @@ class Trainer:
             "world_size": self.world.world_size,
             # Lets deepspeed.checkpoint.ds_to_universal convert it for another world size.
             "universal_checkpoint_info": {"universal_checkpoint_version": 0.4},
+            # So that the run's summary covers every attempt, not only the one that finishes.
+            "train_totals": self.window.totals() if self.window is not None else self._carried,
         }
         where = dict(
             step=self.state.step,
@@ -414,6 +420,7 @@ class Trainer:
                 f"warning: the config differs from the one that wrote {ref.path}", file=sys.stderr
             )
         self.state.load_state_dict(client["train_state"])
+        self._carried = client.get("train_totals")  # absent from checkpoints of older versions
         if self.world.is_main:
             print(f"resumed from {ref.path} at step {self.state.step}", flush=True)
 
@@ -433,9 +440,10 @@ class Trainer:
 
 class StepWindow:
     """Running sums of the step's named losses on the device; read only at log steps. Sums
-    over the whole attempt are kept beside them for :meth:`summary`."""
+    over the whole run are kept beside them for :meth:`summary`: a resumed run starts them from
+    the ``carried`` :meth:`totals` that its checkpoint saved."""
 
-    def __init__(self, device: torch.device) -> None:
+    def __init__(self, device: torch.device, carried: Mapping[str, Any] | None = None) -> None:
         self.device = device
         self.sums: dict[str, torch.Tensor] = {}
         self.count = 0  # micro-batches since the last flush
@@ -447,6 +455,13 @@ class StepWindow:
         self.run_sums: dict[str, torch.Tensor] = {}
         self.run_count = self.run_steps = self.run_images = 0
         self.step_seconds = 0.0  # in train_step (data waits included; evals and saves not)
+        if carried:
+            self.run_sums = {
+                k: torch.tensor(v, dtype=torch.float32, device=device)
+                for k, v in carried["sums"].items()
+            }
+            self.run_count, self.run_steps = carried["micro_batches"], carried["steps"]
+            self.run_images, self.step_seconds = carried["images"], carried["train_seconds"]
 
     def add(self, parts: dict[str, torch.Tensor]) -> None:
         for key, value in parts.items():
@@ -468,9 +483,20 @@ class StepWindow:
         self.started = time.perf_counter()
         return values
 
+    def totals(self) -> dict[str, Any]:
+        """This rank's sums over the run so far, as a checkpoint keeps them (plain numbers)."""
+        return {
+            "micro_batches": self.run_count,
+            "steps": self.run_steps,
+            "images": self.run_images,
+            "train_seconds": self.step_seconds,
+            "sums": {k: float(v) for k, v in self.run_sums.items()},
+        }
+
     def summary(self, world_size: int) -> dict[str, float]:
-        """This attempt's steps, images (all ranks), seconds in steps, images/s and the mean of
-        every train metric (e.g. ``teacher_agreement``) over this rank's micro-batches."""
+        """The run's steps, images (all ranks), seconds in steps, images/s and the mean of every
+        train metric (e.g. ``teacher_agreement``) over this rank's micro-batches, every attempt
+        included (where its checkpoints carried the sums)."""
         images = self.run_images * world_size  # every rank trains on as many images per step
         means = {k: float(v) / max(self.run_count, 1) for k, v in self.run_sums.items()}
         return {
