@@ -348,6 +348,17 @@ def test_a_claim_is_decided_by_the_paired_interval(tmp_path, better, worse, verd
         assert math.isclose(v.mean, 100 * (sum(better) - sum(worse)) / len(better))
 
 
+def test_the_summary_counts_the_verdicts_in_words(tmp_path) -> None:
+    holds = ([0.8, 0.82, 0.81], [0.7, 0.71, 0.69])
+    doc = _doc(tmp_path, *holds)
+    assert (
+        "Of the claim tested: 1 holds (paired 95% intervals)." in report_mod.Report(doc).summary()
+    )
+    claims = doc["grid"]["claims"]
+    doc["grid"]["claims"] = [*claims, dict(claims[0], statement="again")]
+    assert "Of the 2 claims tested: 2 hold (paired" in report_mod.Report(doc).summary()
+
+
 def test_a_claim_that_does_not_hold_is_explained_under_the_table(tmp_path) -> None:
     fails, holds = ([0.7, 0.71, 0.69], [0.8, 0.82, 0.81]), ([0.8, 0.82, 0.81], [0.7, 0.71, 0.69])
     page = report_mod.Report(_doc(tmp_path, *fails)).page()
@@ -649,6 +660,10 @@ def test_the_provenance_names_each_cpu_the_attempts_ran_on_when_they_differ(tmp_
                 r["cpus"] = ["cpu A"]
     (machine,) = [line for line in report_mod.Report(doc).provenance() if "Machine" in line]
     assert "more than one CPU" not in machine
+    doc["rows"]["other"][0]["cpus"] = [None]  # an attempt of a version that did not record it
+    (machine,) = [line for line in report_mod.Report(doc).provenance() if "Machine" in line]
+    assert "1 of the 8 attempts did not record their CPU; the rest ran on" in machine
+    doc["rows"]["other"][0]["cpus"] = ["cpu A"]
     doc["rows"]["other"][1]["cpus"] = ["cpu B", "cpu A"]
     (machine,) = [line for line in report_mod.Report(doc).provenance() if "Machine" in line]
     assert "(attempts per CPU: cpu A: 8; cpu B: 1)" in machine

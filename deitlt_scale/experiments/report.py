@@ -202,6 +202,11 @@ class Report:
             return ""
         if set(cpus) == {"not recorded"}:
             return " The runs did not record their CPU; the machine above is the reporting one."
+        if set(cpus) == {self.doc["machine"]["cpu"], "not recorded"}:
+            return (
+                f" {cpus['not recorded']} of the {cpus.total()} attempts did not record their "
+                "CPU; the rest ran on the machine above."
+            )
         spread = "; ".join(f"{cpu}: {n}" for cpu, n in cpus.most_common())
         return f" The attempts ran on more than one CPU (attempts per CPU: {spread})."
 
@@ -470,7 +475,10 @@ class Report:
             if counts["one seed"] == len(verdicts):
                 text += f" {tested.capitalize()}: one seed per side, no interval decides yet."
             else:
-                told = ", ".join(f"{k} {o}" for o, k in counts.items() if k)
+                plural = {"holds": "hold", "fails": "fail"}  # "1 holds", "8 hold"
+                told = ", ".join(
+                    f"{k} {o if k == 1 else plural.get(o, o)}" for o, k in counts.items() if k
+                )
                 text += f" Of {tested}: {told} (paired 95% intervals)."
         return text
 
