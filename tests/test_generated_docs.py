@@ -31,6 +31,22 @@ def test_published_experiment_pages_and_readme_blocks_are_what_their_results_giv
     assert not problems, "\n".join(problems)
 
 
+def test_every_measured_figure_a_claims_why_quotes_is_on_its_page():
+    """A ``why`` is written by hand in the grid file; each mean ± std it quotes must be one the
+    generated page shows elsewhere, so a rerun that moves the figures fails here."""
+    quoted = re.compile(r"\d+\.\d ± \d+\.\d")
+    checked = 0
+    for data in publish.published_results(DOCS):
+        doc = load_results(data)
+        page = publish.published_paths(doc, DOCS)["page"].read_text()
+        tables = page.split("Where a claim does not hold here:")[0]
+        for claim in doc["grid"]["claims"]:
+            for figure in quoted.findall(claim.get("why") or ""):
+                assert figure in tables, f"{data.name}: '{claim['statement']}' quotes {figure}"
+                checked += 1
+    assert checked  # the paper grid's whys quote its tables
+
+
 def test_the_fault_table_is_what_the_fault_suites_results_give():
     problem = reliability_table.drift(DOCS / "reliability.md", DOCS / "data" / "faults.json")
     assert problem is None, problem

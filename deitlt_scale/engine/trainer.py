@@ -384,7 +384,9 @@ class Trainer:
             # Lets deepspeed.checkpoint.ds_to_universal convert it for another world size.
             "universal_checkpoint_info": {"universal_checkpoint_version": 0.4},
             # So that the run's summary covers every attempt, not only the one that finishes.
-            "train_totals": self.window.totals() if self.window is not None else self._carried,
+            "train_totals": (
+                self.window.totals(self.world.world_size) if self.window else self._carried
+            ),
         }
         where = dict(
             step=self.state.step,
@@ -461,7 +463,9 @@ class StepWindow:
                 for k, v in carried["sums"].items()
             }
             self.run_count, self.run_steps = carried["micro_batches"], carried["steps"]
-            self.run_images, self.step_seconds = carried["images"], carried["train_seconds"]
+            self.step_seconds = carried["train_seconds"]
+        # All ranks' images of earlier attempts, which may have had another world size.
+        self.earlier_images = carried["images"] if carried else 0
 
     def add(self, parts: dict[str, torch.Tensor]) -> None:
         for key, value in parts.items():
@@ -483,12 +487,13 @@ class StepWindow:
         self.started = time.perf_counter()
         return values
 
-    def totals(self) -> dict[str, Any]:
-        """This rank's sums over the run so far, as a checkpoint keeps them (plain numbers)."""
+    def totals(self, world_size: int) -> dict[str, Any]:
+        """The sums over the run so far, as a checkpoint keeps them (plain numbers): images of
+        all ranks, the rest this rank's."""
         return {
             "micro_batches": self.run_count,
             "steps": self.run_steps,
-            "images": self.run_images,
+            "images": self.earlier_images + self.run_images * world_size,
             "train_seconds": self.step_seconds,
             "sums": {k: float(v) for k, v in self.run_sums.items()},
         }
@@ -497,7 +502,8 @@ class StepWindow:
         """The run's steps, images (all ranks), seconds in steps, images/s and the mean of every
         train metric (e.g. ``teacher_agreement``) over this rank's micro-batches, every attempt
         included (where its checkpoints carried the sums)."""
-        images = self.run_images * world_size  # every rank trains on as many images per step
+        # Every rank trains on as many images per step.
+        images = self.earlier_images + self.run_images * world_size
         means = {k: float(v) / max(self.run_count, 1) for k, v in self.run_sums.items()}
         return {
             "steps": self.run_steps,
