@@ -189,6 +189,20 @@ def test_a_plan_grows_with_new_seeds_and_refuses_other_training_options(tmp_path
         extend(grid, out, Options(seeds=(0,), epochs=3))
 
 
+def test_a_planned_run_takes_its_command_from_the_grid_as_edited_since(tmp_path) -> None:
+    out = tmp_path / "out"
+    path = write_grid(tmp_path / "tiny.yaml", TINY_GRID)
+    extend(grid_mod.load(path), out, Options(seeds=(0, 1), only=("other",)))[0].save()
+    edited = json.loads(json.dumps(TINY_GRID))
+    edited["rows"]["other"]["overrides"] = ["optim.lr=0.002"]
+    grid = grid_mod.load(write_grid(path, edited))
+    plan, selected = extend(grid, out, Options(seeds=(1,), only=("other",)))
+    runs = plan.by_key()
+    assert "optim.lr=0.002" in runs["rows/other-seed1"].overrides
+    assert [r.key for r in selected] == ["teachers/ce-seed1", "rows/other-seed1"]
+    assert "optim.lr=0.002" not in runs["rows/other-seed0"].overrides  # not selected this time
+
+
 def test_a_run_is_refused_when_what_it_trains_changed_but_not_for_a_new_setting_at_default(
     tmp_path,
 ) -> None:

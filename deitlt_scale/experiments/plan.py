@@ -167,10 +167,11 @@ def expand(grid: Grid, out: Path, options: Options) -> Plan:
 def extend(grid: Grid, out: Path, options: Options) -> tuple[Plan, list[Run]]:
     """The plan of ``out`` with the runs ``options`` selects added, and those runs.
 
-    A new directory's plan is the selection. An existing plan keeps its runs and gains the
-    selected ones it lacks (more seeds, another row), so ``--only ROW --seeds S`` runs or
-    resubmits one run without forgetting the others; the options that change what a run trains
-    (``--set``, ``--epochs``, ...) must be the plan's, or nothing is run."""
+    A new directory's plan is the selection. An existing plan keeps its runs, takes the selected
+    ones' commands from the grid as it is now and gains those it lacks (more seeds, another row),
+    so ``--only ROW --seeds S`` runs or resubmits one run without forgetting the others; the
+    options that change what a run trains (``--set``, ``--epochs``, ...) must be the plan's, or
+    nothing is run."""
     selected = expand(grid, out, options)
     if not (Path(out) / PLAN_FILE).is_file():
         return selected, list(selected.runs)
@@ -181,10 +182,12 @@ def extend(grid: Grid, out: Path, options: Options) -> tuple[Plan, list[Run]]:
             f"{out} was planned from {plan.grid.path} with other options ({theirs}); use the "
             "same grid and --set/--teacher-set/--epochs/--teacher-epochs, or another --out"
         )
-    known = plan.by_key()
-    for run in selected.runs:
-        if run.key not in known:
-            plan.runs.append(run)
+    # A selected run takes its command from the grid as it is now, so that an edited grid is
+    # what runs; the runner refuses a started run whose trained configuration that changes.
+    fresh = {run.key: run for run in selected.runs}
+    known = {run.key for run in plan.runs}
+    plan.runs = [fresh.get(run.key, run) for run in plan.runs]
+    plan.runs += [run for run in selected.runs if run.key not in known]
     order = {(stage, name): i for i, (stage, name) in enumerate(
         [("teachers", t) for t in grid.teachers] + [("rows", r) for r in grid.rows])}  # fmt: skip
     plan.runs.sort(key=lambda r: (order[(r.stage, r.name)], r.seed))
@@ -192,7 +195,7 @@ def extend(grid: Grid, out: Path, options: Options) -> tuple[Plan, list[Run]]:
     only = () if not plan.options.only or not options.only else tuple(
         dict.fromkeys([*plan.options.only, *options.only]))  # fmt: skip
     plan.options = Options(tuple(seeds), only, *_training_options(plan.options))
-    return plan, [known.get(r.key, r) for r in selected.runs]
+    return plan, list(selected.runs)
 
 
 def _training_options(options: Options) -> tuple:
