@@ -696,3 +696,9 @@ def test_the_choice_marks_the_row_kept_and_the_first_ranked_with_the_reason(tmp_
     (first,) = [line for line in table.splitlines() if "ranked first" in line]
     assert kept.startswith("| other |") and first.startswith("| student |")
     assert "The recipe keeps row `other`: it costs half as much." in table
+    doc["grid"]["report"]["headline"] = []  # a grid of choices: its summary names them
+    assert (
+        "ranks row `student` first; the recipe keeps `other`." in report_mod.Report(doc).summary()
+    )
+    select.update(kept=None)
+    assert "ranks row `student` first." in report_mod.Report(doc).summary()

@@ -304,17 +304,23 @@ class Report:
                                _cores_used(runs), cell(agree), cell(in_mix)]))  # fmt: skip
         return "\n".join(lines)
 
+    def ranked_on_val(self) -> tuple[list[str], str]:
+        """The training rows ranked by the selection metric on the val split (mean over seeds),
+        and the row the recipe keeps."""
+        select = self.spec["select"]
+        scores = {}
+        for name in self.shown_rows():  # the settings: not the controls, not other heads
+            values = _values(self.runs(name), select["metric"], "val")
+            if self.grid["rows"][name]["kind"] == "train" and not math.isnan(mean_std(values)[0]):
+                scores[name] = mean_std(values)[0]
+        ranked = sorted(scores, key=lambda r: -scores[r])
+        return ranked, select["kept"] or ranked[0]
+
     def selection_table(self) -> str:
         select = self.spec["select"]
         metric = select["metric"]
         head = metric.split("/")[0]
-        scores = {}
-        for name in self.shown_rows():  # the settings: not the controls, not other heads
-            values = _values(self.runs(name), metric, "val")
-            if self.grid["rows"][name]["kind"] == "train" and not math.isnan(mean_std(values)[0]):
-                scores[name] = mean_std(values)[0]
-        ranked = sorted(scores, key=lambda r: -scores[r])
-        kept = select["kept"] or ranked[0]
+        ranked, kept = self.ranked_on_val()
         why = f" The recipe keeps row `{kept}`: {select['why']}" if kept != ranked[0] else ""
         lines = [
             "## The choice on the val split",
@@ -464,7 +470,15 @@ class Report:
         n = len(self.doc["seeds"])
         seeds = "one seed" if n == 1 else f"{n} seeds"
         text = f"On {self.doc['dataset']['name']} over {seeds}"
-        text += (", " + "; ".join(parts) + ".") if parts else ": no headline row is complete yet."
+        if parts:
+            text += ", " + "; ".join(parts) + "."
+        elif not self.spec["headline"] and self.spec.get("select"):
+            ranked, kept = self.ranked_on_val()
+            metric = self.spec["select"]["metric"]
+            text += f", the val split's `{metric}` ranks row `{ranked[0]}` first"
+            text += f"; the recipe keeps `{kept}`." if kept != ranked[0] else "."
+        else:
+            text += ": no headline row is complete yet."
         verdicts = self.verdicts()
         if verdicts:
             counts = {o: sum(v.outcome == o for v in verdicts) for o in
