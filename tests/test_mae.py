@@ -205,7 +205,8 @@ def test_a_killed_pretraining_resumes_and_finishes_with_its_evaluations(pretrain
     latest = json.loads((pretrained["run_dir"] / "eval" / "latest.json").read_text())
     assert latest["step"] == 48 and latest["metrics"]["mae/loss"] > 0
     spec = json.loads((pretrained["run_dir"] / "mae.json").read_text())
-    assert spec["architecture"] == "mae" and spec["mae"]["mask_ratio"] == 0.75
+    recipe = config_mod.load(MAE_RECIPE, [])
+    assert spec["architecture"] == "mae" and spec["mae"]["mask_ratio"] == recipe.mae.mask_ratio
 
 
 @pytest.mark.slow
