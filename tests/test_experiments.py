@@ -506,14 +506,18 @@ def test_the_report_publishes_every_section_from_the_runs(tiny_run) -> None:
 def reused_run(tiny_run, tmp_path_factory: pytest.TempPathFactory) -> dict:
     """A second grid run with ``--reuse`` the tiny grid's output: teacher ``ldam``, row
     ``student`` and its control are the tiny grid's; teacher ``ce`` is not (another lr), so row
-    ``other``, whose configuration is otherwise the tiny grid's, must train again too."""
+    ``other``, whose configuration is otherwise the tiny grid's, must train again too. Rows
+    ``renamed`` and ``restage`` are ``student`` and ``stage`` under other names: ``restage``
+    starts from ``renamed``, a copy of the run ``stage`` started from."""
     root = tmp_path_factory.mktemp("reuse")
     tree = {
         **TINY_GRID, "title": "A grid sharing runs",
         "teachers": {**TINY_GRID["teachers"], "ce": {
             "recipe": TEACHER, "overrides": ["distill.teacher_loss=ce", "optim.sam_rho=0",
                                              "optim.lr=0.05"]}},
-        "rows": {k: TINY_GRID["rows"][k] for k in ("student", "other", "control")},
+        "rows": {**{k: TINY_GRID["rows"][k] for k in ("student", "other", "control")},
+                 "renamed": TINY_GRID["rows"]["student"],
+                 "restage": {**TINY_GRID["rows"]["stage"], "init_from": "renamed"}},
         "claims": [], "report": {"page": "shared.md"},
     }  # fmt: skip
     grid = write_grid(root / "shared.yaml", tree)
@@ -537,6 +541,8 @@ def test_reuse_copies_the_runs_another_grid_trained_and_trains_the_rest(reused_r
     source = tiny_run["out"]
     for key in ("teachers/ldam-seed0", "rows/student-seed0", "rows/control-seed0"):
         assert f"{key}: copied from {source / key}" in run.stdout, run.stdout
+    for key, theirs in (("renamed", "student"), ("restage", "stage")):
+        assert f"rows/{key}-seed0: copied from {source / 'rows' / theirs}-seed0" in run.stdout
     for key in ("teachers/ce-seed0", "rows/other-seed0"):  # another lr; another teacher
         assert f"{key}: training" in run.stdout, run.stdout
     copied = reused_run["out"] / "rows" / "student-seed0"

@@ -12,7 +12,8 @@ what ``OUT``'s run would train:
   the data and to the teacher included);
 * every run it needs (its teacher, the run it starts from) is a copy of the run the source
   needed, or of the run that one was copied from; a teacher trained again is another teacher,
-  even with the same configuration.
+  even with the same configuration. Paths to those runs compare as equal whatever their rows
+  are called (the MAE grid's ``mae`` row is the choice grid's ``pt_m90_e200``).
 
 The copy keeps the source's attempts (what the result cost) and records where it came from
 (``RunState.reused_from``). A run that has any state of its own is never replaced.
@@ -68,9 +69,17 @@ class Reuse:
                     continue
                 trained = recorded.config or _written_config(candidate)
                 current = current_config(run) if current is None else current
-                if trained is None or config_difference(
-                    _moved(trained, other.out, self.plan.out), current
-                ):
+                # Paths to the runs it needed read as this run's (a copy of the same run may sit
+                # under another row's name), then the rest of the other grid's as this one's.
+                moves = [
+                    (theirs.run_dir, self.runs[mine].run_dir)
+                    for mine, theirs in zip(
+                        run.needs,
+                        map(self.source_runs[other.out].get, candidate.needs),
+                        strict=True,
+                    )
+                ] + [(other.out, self.plan.out)]
+                if trained is None or config_difference(_moved(trained, moves), current):
                     continue
                 _copy(candidate, run, recorded, current)
                 return candidate.run_dir
@@ -121,15 +130,19 @@ def _written_config(run: Run) -> dict | None:
         return None
 
 
-def _moved(config: dict, old: Path, new: Path) -> dict:
-    """``config`` with every path under ``old`` written under ``new``."""
-    prefix, replacement = f"{old}/", f"{new}/"
-    return {
-        key: replacement + value[len(prefix) :]
-        if isinstance(value, str) and value.startswith(prefix)
-        else value
-        for key, value in config.items()
-    }
+def _moved(config: dict, moves: list[tuple[Path, Path]]) -> dict:
+    """``config`` with each path that is, or lies under, the first ``old`` of ``moves`` it
+    matches written under its ``new`` (``DIR``, ``DIR/...`` and ``DIR:latest`` all move)."""
+
+    def move(value: object) -> object:
+        if isinstance(value, str):
+            for old, new in moves:
+                old = str(old)
+                if value == old or value.startswith((f"{old}/", f"{old}:")):
+                    return f"{new}{value[len(old) :]}"
+        return value
+
+    return {key: move(value) for key, value in config.items()}
 
 
 def _copy(source: Run, run: Run, recorded: RunState, config: dict) -> None:
