@@ -47,6 +47,22 @@ def test_every_measured_figure_a_claims_why_quotes_is_on_its_page():
     assert checked  # the paper grid's whys quote its tables
 
 
+def test_the_figures_benchmarks_md_quotes_from_results_md_are_on_it():
+    """docs/benchmarks.md quotes the paper grid's control comparison in prose: every mean ± std
+    and interval of a bullet that cites results.md must still be on that page."""
+    results = (DOCS / "results.md").read_text()
+    figure = re.compile(r"\d+\.\d ± \d+\.\d|\d+ ± \d+|[+-]\d+\.\d \[[+-]\d+\.\d, [+-]\d+\.\d\]")
+    bullets = (DOCS / "benchmarks.md").read_text().split("\n* ")
+    quoted = [
+        f for b in bullets if "results.md" in b for f in figure.findall(b.replace("\n  ", " "))
+    ]
+    assert len(quoted) >= 5, quoted  # the accuracy pair, the interval, the two speeds
+    missing = [f for f in quoted if f not in results]
+    assert not missing, (
+        f"docs/benchmarks.md quotes {missing}, which docs/results.md no longer shows"
+    )
+
+
 def test_the_fault_table_is_what_the_fault_suites_results_give():
     problem = reliability_table.drift(DOCS / "reliability.md", DOCS / "data" / "faults.json")
     assert problem is None, problem

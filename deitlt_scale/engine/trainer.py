@@ -487,13 +487,17 @@ class StepWindow:
         self.started = time.perf_counter()
         return values
 
+    def all_images(self, world_size: int) -> int:
+        """Images of all ranks over every attempt (each rank trains on as many per step)."""
+        return self.earlier_images + self.run_images * world_size
+
     def totals(self, world_size: int) -> dict[str, Any]:
         """The sums over the run so far, as a checkpoint keeps them (plain numbers): images of
         all ranks, the rest this rank's."""
         return {
             "micro_batches": self.run_count,
             "steps": self.run_steps,
-            "images": self.earlier_images + self.run_images * world_size,
+            "images": self.all_images(world_size),
             "train_seconds": self.step_seconds,
             "sums": {k: float(v) for k, v in self.run_sums.items()},
         }
@@ -502,8 +506,7 @@ class StepWindow:
         """The run's steps, images (all ranks), seconds in steps, images/s and the mean of every
         train metric (e.g. ``teacher_agreement``) over this rank's micro-batches, every attempt
         included (where its checkpoints carried the sums)."""
-        # Every rank trains on as many images per step.
-        images = self.earlier_images + self.run_images * world_size
+        images = self.all_images(world_size)
         means = {k: float(v) / max(self.run_count, 1) for k, v in self.run_sums.items()}
         return {
             "steps": self.run_steps,
