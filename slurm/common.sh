@@ -168,10 +168,12 @@ deitlt_run() {
     # `wait` returned because of a trapped signal: keep waiting while the launch line runs.
     kill -0 "$DEITLT_CHILD" 2>/dev/null && continue
     # It ended around the signal; collect its status unless that `wait` already did (127).
+    # When the child's exit races the signal bash may answer -1 (no status to read): the
+    # signal's 128+N then stands, which is what ended the launch line.
     local late
     wait "$DEITLT_CHILD" 2>/dev/null
     late=$?
-    ((late != 127)) && status=$late
+    ((late >= 0 && late != 127)) && status=$late
     break
   done
 
