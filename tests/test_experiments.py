@@ -203,6 +203,20 @@ def test_a_planned_run_takes_its_command_from_the_grid_as_edited_since(tmp_path)
     assert "optim.lr=0.002" not in runs["rows/other-seed0"].overrides  # not selected this time
 
 
+def test_a_row_taken_out_of_the_grid_leaves_the_plan(tmp_path) -> None:
+    out = tmp_path / "out"
+    path = write_grid(tmp_path / "tiny.yaml", TINY_GRID)
+    extend(grid_mod.load(path), out, Options(seeds=(0,), only=("other", "student")))[0].save()
+    edited = json.loads(json.dumps(TINY_GRID))
+    del edited["rows"]["other"], edited["teachers"]["ce"]
+    edited["claims"] = []
+    plan, _ = extend(grid_mod.load(write_grid(path, edited)), out, Options(seeds=(1,)))
+    assert plan.dropped == ["rows/other", "teachers/ce"]
+    assert not [r.key for r in plan.runs if "other" in r.key or "/ce-" in r.key]
+    assert "rows/student-seed0" in plan.by_key() and "rows/student-seed1" in plan.by_key()
+    assert plan.options.only == ()
+
+
 def test_a_run_is_refused_when_what_it_trains_changed_but_not_for_a_new_setting_at_default(
     tmp_path,
 ) -> None:

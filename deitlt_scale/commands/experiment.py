@@ -138,6 +138,9 @@ def _plan(args: argparse.Namespace):
         teacher_epochs=args.teacher_epochs,
     )
     plan, selected = extend(grid_mod.load(args.grid), args.out, options)
+    if plan.dropped:
+        print(f"{plan.out}: {', '.join(plan.dropped)} no longer in {args.grid}: left out of "
+              "the plan and the report (their directories are kept)", flush=True)  # fmt: skip
     typed = _typed()
     if typed not in plan.command.split("; "):  # the page names every command that ran the grid
         plan.command = f"{plan.command}; {typed}" if plan.command else typed

@@ -83,6 +83,7 @@ class Plan:
     options: Options
     runs: list[Run] = field(default_factory=list)
     command: str = ""  # how the grid was started, as typed
+    dropped: list[str] = field(default_factory=list)  # rows and teachers the grid no longer has
 
     @property
     def data(self) -> Path:
@@ -190,10 +191,15 @@ def extend(grid: Grid, out: Path, options: Options) -> tuple[Plan, list[Run]]:
     plan.runs += [run for run in selected.runs if run.key not in known]
     order = {(stage, name): i for i, (stage, name) in enumerate(
         [("teachers", t) for t in grid.teachers] + [("rows", r) for r in grid.rows])}  # fmt: skip
+    # A row (or teacher) taken out of the grid leaves the plan; its directories stay on disk.
+    plan.dropped = sorted(
+        {f"{r.stage}/{r.name}" for r in plan.runs if (r.stage, r.name) not in order}
+    )
+    plan.runs = [r for r in plan.runs if (r.stage, r.name) in order]
     plan.runs.sort(key=lambda r: (order[(r.stage, r.name)], r.seed))
     seeds = sorted(set(plan.options.seeds or grid.seeds) | set(selected.seeds()))
     only = () if not plan.options.only or not options.only else tuple(
-        dict.fromkeys([*plan.options.only, *options.only]))  # fmt: skip
+        n for n in dict.fromkeys([*plan.options.only, *options.only]) if n in grid.rows)  # fmt: skip
     plan.options = Options(tuple(seeds), only, *_training_options(plan.options))
     return plan, list(selected.runs)
 
