@@ -127,10 +127,12 @@ deitlt_init() {
 # Set by the traps; read by the wait loop of deitlt_run.
 DEITLT_CHILD=""
 DEITLT_INTERRUPTED=0
+DEITLT_SIGNAL=""
 DEITLT_REQUEUED=0
 
 _deitlt_on_signal() {
   DEITLT_INTERRUPTED=1
+  DEITLT_SIGNAL=$1
   ((DEITLT_REQUEUED)) && return 0 # the TERM that ends this step after `scontrol requeue`
   deitlt_log "batch shell received SIG$1 at $(date -Is)"
   if [[ $1 == USR1 && -n $DEITLT_CHILD ]]; then
@@ -168,14 +170,15 @@ deitlt_run() {
     # `wait` returned because of a trapped signal: keep waiting while the launch line runs.
     kill -0 "$DEITLT_CHILD" 2>/dev/null && continue
     # It ended around the signal; collect its status unless that `wait` already did (127).
-    # When the child's exit races the signal bash may answer -1 (no status to read): the
-    # signal's 128+N then stands, which is what ended the launch line.
     local late
     wait "$DEITLT_CHILD" 2>/dev/null
     late=$?
-    ((late >= 0 && late != 127)) && status=$late
+    ((late != 127)) && status=$late
     break
   done
+  # When the child's exit races the signal, bash can answer -1 (no status left to read): the
+  # signal ended the launch line, so the status is the usual 128+N.
+  ((status >= 0)) || status=$((128 + $(kill -l "${DEITLT_SIGNAL:-TERM}")))
 
   if ((status == 0)); then
     deitlt_log "finished at $(date -Is)"
